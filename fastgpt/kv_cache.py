@@ -1,0 +1,96 @@
+"""The preallocated KV cache: one buffer per generate() call, written in place, never grown.
+
+Layout: ``k, v`` are ``(n_layer, B, H, S_max, D)``; layer ``l`` uses the contiguous views
+``k[l], v[l]`` of shape ``(B, H, S_max, D)`` (the layout the attention kernels read).
+Slot ``j`` of row ``b`` holds the token at position ``j - row_start[b]``; rows are left padded,
+so slots before ``row_start[b]`` are padding and never attended to.
+
+``pos`` is the slot of the next token to be written, kept twice: a host int for the eager
+PyTorch path (slicing without a sync) and a device tensor ``pos_tensor`` for the kernels and the
+CUDA graph (whose replays must not depend on host values).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Preallocated key/value cache for ``batch`` rows of up to ``max_len`` tokens."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        device = torch.device(device)
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.row_start = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.has_padding = False
+        self.pos = 0
+        self.pos_tensor = torch.zeros(1, dtype=torch.int32, device=device)
+        self.batch, self.n_head, self.max_len, self.head_dim = batch, n_head, max_len, head_dim
+        #: Scratch a kernel backend may attach once (e.g. flash-decoding split partials).
+        self.workspace: dict[str, object] = {}
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(B, H, S_max, D)`` key and value buffers of one layer."""
+        return self.k[index], self.v[index]
+
+    def set_row_start(self, row_start: torch.Tensor | None) -> None:
+        """Record left padding: ``row_start[b]`` pad slots in front of row ``b``."""
+        if row_start is None:
+            self.row_start.zero_()
+            self.has_padding = False
+            return
+        self.row_start.copy_(row_start)
+        self.has_padding = True
+
+    def reset(self) -> None:
+        """Start over at slot 0 (the buffers are reused, their contents overwritten as we go)."""
+        self.pos = 0
+        self.pos_tensor.zero_()
+        self.set_row_start(None)
+
+    def advance(self, n_tokens: int) -> None:
+        """Move past ``n_tokens`` just written, on the host and on the device."""
+        if self.pos + n_tokens > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.pos} + {n_tokens} tokens > max_len {self.max_len}")
+        self.pos += n_tokens
+        self.pos_tensor.add_(n_tokens)
+
+    def reorder_rows(self, row_index: torch.Tensor) -> None:
+        """Make row ``b`` a copy of row ``row_index[b]`` (beam search), for the slots written so far.
+
+        A permutation cannot be gathered into the buffer it reads from, so the first call allocates
+        one spare buffer pair of the same size; later calls gather into it and swap, with no new
+        allocation per step.
+        """
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        spare_k, spare_v = self._spare
+        # Whole-buffer gathers into the preallocated spare (index_select's out= needs a contiguous
+        # destination, and the live slots [:pos] are a strided slice of it).
+        torch.index_select(self.k, 1, row_index, out=spare_k)
+        torch.index_select(self.v, 1, row_index, out=spare_v)
+        self._spare = (self.k, self.v)
+        self.k, self.v = spare_k, spare_v
+        self.row_start.copy_(self.row_start[row_index])

@@ -1,0 +1,215 @@
+"""PyTorch reference ops: the CPU path of the model and the oracle of every kernel test.
+
+Each function here states the exact semantics a kernel in ``kernels/`` must reproduce:
+
+* :func:`attention` -- causal attention over the preallocated KV cache, writing the new K/V
+  into the cache first (prefill when ``start == 0`` and ``T > 1``, decode when ``T == 1``).
+* :func:`filter_logits` / :func:`sampling_probs` -- temperature, top-k, top-p (nucleus) and
+  min-p, in Hugging Face's order (temperature -> top-k -> top-p -> min-p).
+* :func:`greedy`, :func:`sample` -- the next-token choice (argmax, or an exponential-race draw
+  that needs no host sync).
+* :func:`topk` -- values sorted descending, ties broken by the lower index, NaN ranked above +inf.
+
+Layout conventions shared with the kernels
+------------------------------------------
+* ``q, k, v``: ``(B, T, H, D)``, any strides as long as the last dimension is contiguous (they are
+  views into the fused QKV projection's output).
+* ``k_cache, v_cache``: ``(B, H, S_max, D)`` contiguous, one pair per layer.
+* Cache slot ``j`` of row ``b`` is valid when ``row_start[b] <= j``: rows are left padded,
+  ``row_start[b]`` is the number of pad tokens in front of row ``b``'s prompt.
+* The query at slot ``i`` attends to slots ``j`` with ``row_start[b] <= j <= i``. A pad query
+  (``i < row_start[b]``) attends to nothing and its output is defined as zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention",
+    "filter_logits",
+    "sampling_probs",
+    "greedy",
+    "sample",
+    "topk",
+    "as_row_tensor",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    start: int,
+    row_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write ``k, v`` into the cache at slots ``[start, start + T)`` and attend causally.
+
+    Parameters
+    ----------
+    q, k, v : (B, T, H, D)
+    k_cache, v_cache : (B, H, S_max, D), updated in place.
+    start : the cache slot of the first of the ``T`` new tokens (a host int).
+    row_start : (B,) int, first valid slot of each row (left padding), or None for no padding.
+
+    Returns
+    -------
+    (B, T, H, D) attention output in q's dtype; zeros for pad queries.
+    """
+    B, T, H, D = q.shape
+    end = start + T
+    # (B, T, H, D) -> (B, H, T, D): the cache layout.
+    k_cache[:, :, start:end] = k.transpose(1, 2)
+    v_cache[:, :, start:end] = v.transpose(1, 2)
+    keys = k_cache[:, :, :end]  # (B, H, end, D)
+    values = v_cache[:, :, :end]
+    queries = q.transpose(1, 2)  # (B, H, T, D)
+    scale = 1.0 / math.sqrt(D)
+
+    if row_start is None:
+        if T == 1:
+            out = F.scaled_dot_product_attention(queries, keys, values, scale=scale)
+        elif start == 0:
+            out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale)
+        else:
+            mask = _causal_mask(start, T, end, q.device)[None, None]
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2)
+
+    q_slot = torch.arange(start, end, device=q.device)  # (T,)
+    k_slot = torch.arange(end, device=q.device)  # (end,)
+    row_start = row_start.to(device=q.device, dtype=torch.long)
+    allowed = (k_slot[None, None, :] <= q_slot[None, :, None]) & (
+        k_slot[None, None, :] >= row_start[:, None, None]
+    )  # (B, T, end)
+    is_pad_query = q_slot[None, :] < row_start[:, None]  # (B, T)
+    # A pad query has no valid key; let it see slot 0 so softmax stays finite, then zero it.
+    allowed = allowed | (is_pad_query[:, :, None] & (k_slot == 0)[None, None, :])
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed[:, None], scale=scale)
+    out = out.masked_fill(is_pad_query[:, None, :, None], 0.0)
+    return out.transpose(1, 2)
+
+
+def _causal_mask(start: int, T: int, end: int, device: torch.device) -> torch.Tensor:
+    q_slot = torch.arange(start, start + T, device=device)
+    k_slot = torch.arange(end, device=device)
+    return k_slot[None, :] <= q_slot[:, None]  # (T, end)
+
+
+# --------------------------------------------------------------------------------------------
+# Next-token selection
+# --------------------------------------------------------------------------------------------
+def as_row_tensor(value, batch: int, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
+    """A scalar or a per-row tensor of one sampling setting as a ``(batch,)`` tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1)
+        if value.dim() != 1 or value.shape[0] not in (1, batch):
+            raise ValueError(f"{name} must be a scalar or a ({batch},) tensor, got shape {tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype).expand(batch)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+) -> torch.Tensor:
+    """Temperature-scaled logits in float32 with every token outside the kept set at ``-inf``.
+
+    Hugging Face's order: divide by the temperature, keep the ``top_k`` largest (``0`` keeps all;
+    ties at the k-th value are all kept, as HF does), keep the smallest prefix of the
+    descending-sorted distribution whose mass reaches ``top_p`` (a token is kept when the mass
+    strictly before it is below ``top_p``; the most likely token is always kept), then keep tokens
+    with probability ``>= min_p * p_max``. Each setting is a scalar or a per-row ``(B,)`` tensor.
+    A row with temperature 0 is greedy: only its argmax survives.
+    """
+    B, V = logits.shape
+    dev = logits.device
+    temperature = as_row_tensor(temperature, B, torch.float32, dev, "temperature")
+    top_k = as_row_tensor(top_k, B, torch.long, dev, "top_k")
+    top_p = as_row_tensor(top_p, B, torch.float32, dev, "top_p")
+    min_p = as_row_tensor(min_p, B, torch.float32, dev, "min_p")
+    ninf = float("-inf")
+
+    x = logits.float()
+    is_greedy = temperature == 0
+    x = x / torch.where(is_greedy, 1.0, temperature)[:, None]
+
+    # top-k: threshold at the k-th largest value (k = 0 or >= V keeps everything).
+    k_eff = torch.where((top_k <= 0) | (top_k > V), V, top_k)
+    sorted_x, sorted_idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    kth = sorted_x.gather(1, (k_eff - 1)[:, None])  # (B, 1)
+    x = x.masked_fill(x < kth, ninf)
+
+    # top-p over what top-k kept, in the same descending order.
+    sorted_x = sorted_x.masked_fill(sorted_x < kth, ninf)
+    sorted_p = torch.softmax(sorted_x, dim=-1)
+    mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # exclusive prefix sum
+    # top_p >= 1 keeps everything (a float cumsum can reach 1.0 before the tail ends).
+    drop_sorted = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(1, sorted_idx, drop_sorted)
+    x = x.masked_fill(drop, ninf)
+
+    # min-p relative to the most likely token.
+    p = torch.softmax(x, dim=-1)
+    p_max = p.max(dim=-1, keepdim=True).values
+    x = x.masked_fill(p < min_p[:, None] * p_max, ninf)
+
+    # Greedy rows keep only their argmax (lowest index among ties, as torch.argmax).
+    am = logits.float().argmax(dim=-1)
+    only_argmax = torch.full_like(x, ninf).scatter(1, am[:, None], 0.0)
+    return torch.where(is_greedy[:, None], only_argmax, x)
+
+
+def sampling_probs(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """The exact distribution a sampler must draw from, in float64: ``(B, V)``, rows sum to 1."""
+    return torch.softmax(filter_logits(logits.double(), temperature, top_k, top_p, min_p).double(), dim=-1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, V) -> (B,)`` int64: the argmax, lowest index among ties."""
+    return logits.argmax(dim=-1)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token per row from :func:`sampling_probs` without a host sync.
+
+    Exponential race: ``argmax_i p_i / E_i`` with ``E_i ~ Exp(1)`` i.i.d. picks ``i`` with
+    probability ``p_i`` (the minimum of ``E_i / p_i`` is attained by ``i`` w.p. ``p_i``), and
+    unlike ``torch.multinomial`` it never copies anything to the host.
+    """
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p, min_p), dim=-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k
+# --------------------------------------------------------------------------------------------
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the last dimension of a 2-D tensor.
+
+    Values sorted descending; equal values ordered by ascending index; NaN ranks above +inf (as in
+    ``torch.topk``), NaNs among themselves by ascending index. Returns ``(values, int64 indices)``.
+    """
+    values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]

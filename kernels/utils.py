@@ -1,0 +1,98 @@
+"""Helpers shared by the kernel files: interpreter detection, input checks, sm_90 compile checks.
+
+Triton kernels run on the GPU, or on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``,
+read by ``triton.jit`` when a kernel module is imported, so it must be set before that import).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+
+#: Shared memory one thread block may use on an H100 (sm_90): 227 KiB.
+H100_SHARED_MEMORY_BYTES = 227 * 1024
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on tensors of ``device`` in this process."""
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return not interpreting()
+    return device.type == "cpu" and interpreting()
+
+
+def check_tensor(
+    t: object,
+    name: str,
+    *,
+    ndim: int | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    last_dim_contiguous: bool = False,
+) -> None:
+    """Raise TypeError/ValueError naming ``name`` when ``t`` is not the tensor a launcher expects."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """Compile ``kernel`` for sm_90 on this machine (no GPU needed) and return the compiled kernel.
+
+    ``signature`` maps every argument name to a Triton type (``"*fp16"``, ``"i32"``, ...) or
+    ``"constexpr"``; ``constexprs`` gives the constexpr values. ``.metadata.shared`` is the shared
+    memory per block, ``.asm["ptx"]`` the PTX. Works under the interpreter as well (it rebuilds a
+    JITFunction from the interpreted kernel's Python function).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+
+
+def triton_dtype(dtype: torch.dtype) -> str:
+    """Triton's pointer type name for a torch dtype (for compile signatures)."""
+    return {
+        torch.float16: "fp16",
+        torch.bfloat16: "bf16",
+        torch.float32: "fp32",
+        torch.float64: "fp64",
+        torch.int32: "i32",
+        torch.int64: "i64",
+        torch.uint8: "u8",
+        torch.bool: "i1",
+    }[dtype]

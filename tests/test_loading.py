@@ -1,0 +1,86 @@
+"""Loading from transformers checkpoints written to a temporary folder (no weights exist offline)."""
+
+import json
+
+import pytest
+import torch
+
+from fastgpt import GPT
+from fastgpt.loading import find_checkpoint, resolve_dtype
+from tests.models import hf_gpt2
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return hf_gpt2("odd-1001")
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_from_pretrained_directory_matches_hf_logits(tmp_path, hf_model, safe):
+    hf_model.save_pretrained(tmp_path)
+    if not safe:  # transformers 5 writes only safetensors; older checkpoints ship pytorch_model.bin
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+    model = GPT.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 1001, (2, 7))
+    with torch.no_grad():
+        assert (model(ids) - hf_model(ids).logits).abs().max() < 1e-4
+
+
+def test_sharded_safetensors_checkpoint(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = GPT.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 1001, (1, 5))
+    with torch.no_grad():
+        assert (model(ids) - hf_model(ids).logits).abs().max() < 1e-4
+
+
+def test_safetensors_preferred_over_bin(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    GPT.from_pretrained(str(tmp_path))  # would fail if it read the .bin
+
+
+def test_from_pretrained_finds_the_hf_cache_layout(tmp_path, monkeypatch, hf_model):
+    snapshot = tmp_path / "hub" / "models--someone--tiny-gpt2" / "snapshots" / "abc123"
+    hf_model.save_pretrained(snapshot)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert find_checkpoint("someone/tiny-gpt2") == snapshot
+    model = GPT.from_pretrained("someone/tiny-gpt2", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+
+
+def test_missing_weights_say_where_we_looked_and_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError) as info:
+        GPT.from_pretrained("gpt2-not-here")
+    message = str(info.value)
+    assert "empty-cache" in message and "from_config" in message and "never downloads" in message
+
+
+def test_weights_that_do_not_fit_the_config_raise(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_embd"] = 80  # still divisible by n_head=5, but every weight is now the wrong shape
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"weight 'transformer\.wte\.weight' has shape"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_from_hf_dtype_and_copy_semantics(hf_model):
+    model = GPT.from_hf(hf_model, dtype=torch.float16)
+    assert model.dtype == torch.float16
+    # Conv1D (in, out) -> Linear (out, in)
+    hf_w = hf_model.transformer.h[0].attn.c_attn.weight
+    assert torch.equal(model.h[0].attn.c_attn.weight.float(), hf_w.t().half().float())
+    model32 = GPT.from_hf(hf_model)
+    model32.wte.weight.data.zero_()
+    assert hf_model.transformer.wte.weight.abs().sum() > 0  # weights were copied, not aliased
+
+
+@pytest.mark.parametrize("bad", ["float64", "int8", torch.int32, 3])
+def test_bad_dtype_raises(bad):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype(bad)
