@@ -26,7 +26,7 @@ install:
 	    $(PYTHON) -c "import $$mod" 2>/dev/null || $(PYTHON) -m pip install -q "$$pkg" \
 	        || echo "warning: could not install $$pkg (no network?); continuing without it"; \
 	done
-	@$(PYTHON) -c "import fastgpt, kernels" 2>/dev/null || \
+	@$(PYTHON) -m pip show -q fastgpt >/dev/null 2>&1 || \
 	    $(PYTHON) -m pip install -q --no-deps --no-build-isolation -e . \
 	    || echo "warning: editable install failed; running from the source tree"
 

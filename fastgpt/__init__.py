@@ -3,21 +3,29 @@
 >>> from fastgpt import GPT
 >>> model = GPT.from_config("gpt2")            # random weights of GPT-2 small's shape
 >>> out = model.generate(input_ids, max_new_tokens=50)
+>>> fast = fastgpt.accelerate(hf_gpt2_model)    # drop-in generate() for a transformers GPT-2
 """
 
 from .backend import kernels_report, reset_kernels_report, resolve_backend
 from .config import PRESETS, GPTConfig
+from .cuda_graph import clear_graph_cache, last_generate_stats
 from .generate import generate
+from .hf_compat import AcceleratedModel, FallbackWarning, accelerate
 from .kv_cache import KVCache
 from .model import GPT
 
 __all__ = [
+    "AcceleratedModel",
+    "FallbackWarning",
     "GPT",
     "GPTConfig",
     "KVCache",
     "PRESETS",
+    "accelerate",
+    "clear_graph_cache",
     "generate",
     "kernels_report",
+    "last_generate_stats",
     "reset_kernels_report",
     "resolve_backend",
 ]

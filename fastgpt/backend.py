@@ -1,7 +1,9 @@
 """The kernel boundary: which implementation of each hot op runs, and a record of what ran.
 
-The model calls :func:`attention` and :func:`select_next_token` and nothing else kernel-specific,
-so the Triton and CUDA kernels replace the PyTorch reference without touching the model.
+The model calls :func:`attention`, :func:`select_next_token` and the layer ops :func:`ln_linear`
+/ :func:`residual_linear` (LayerNorm + projection, projection + residual; built on :func:`linear`
+and :func:`add_layernorm`) and nothing else kernel-specific, so the Triton and CUDA kernels
+replace the PyTorch reference without touching the model.
 
 ``FASTGPT_BACKEND`` picks the implementation, read each time ``forward()`` / ``generate()`` runs:
 
@@ -62,6 +64,15 @@ def _triton_kernels_importable() -> bool:
     return True
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
 def _record(op: str, impl: str) -> None:
     _ran[op] = impl
 
@@ -88,6 +99,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: i
     if backend == "triton":
         import kernels.attention as triton_attention
 
+        if q.shape[-1] not in triton_attention.SUPPORTED_HEAD_DIMS:
+            _warn_once(
+                f"fastgpt: the Triton attention kernels support head_dim {triton_attention.SUPPORTED_HEAD_DIMS}, "
+                f"this model has {q.shape[-1]}; attention runs in PyTorch (CUDA-graph safe, slower)"
+            )
+            _record("attention", "torch:attention_at")
+            return reference.attention_at(q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start)
         if cache.pos == 0:
             _record("attention.prefill", "triton")
             return triton_attention.prefill_attention(q, k, v, k_cache, v_cache, cache.row_start)
@@ -133,6 +151,8 @@ class SamplingState:
         self.seed = torch.tensor([seed], dtype=torch.int64, device=device)
         self.step = torch.zeros(1, dtype=torch.int64, device=device)
         self.generator = torch.Generator(device=device)
+        #: Scratch of the Triton sampler, allocated on first use (kernels.sampling.sampling_workspace).
+        self.workspace: dict | None = None
         self.generator.manual_seed(seed)
 
 
@@ -148,8 +168,14 @@ def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) 
         import kernels.sampling as triton_sampling
 
         _record("sample", "triton")
+        B, V = logits.shape
+        workspace = state.workspace
+        if workspace is None or workspace["vocab"] != V or workspace["batch"] < B:
+            # Allocated once per generate (or per captured graph), before any capture: replays reuse it.
+            workspace = state.workspace = triton_sampling.sampling_workspace(B, V, logits.device)
         tokens = triton_sampling.sample(
-            logits, state.temperature, state.top_k, state.top_p, state.min_p, state.seed, state.step
+            logits, state.temperature, state.top_k, state.top_p, state.min_p, state.seed, state.step,
+            workspace=workspace,
         )
     elif state.all_greedy:
         _record("sample", "torch:greedy")
@@ -161,3 +187,133 @@ def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) 
         )
     state.step.add_(1)
     return tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Linear layers and LayerNorm: fused GEMV epilogues/prologues, add + LayerNorm
+# --------------------------------------------------------------------------------------------
+# The model's residual stream is carried as ``(x, delta)``: ``x`` the stream so far and ``delta``
+# an update not yet added (or None). A projection whose GEMV adds the residual in its epilogue
+# returns ``(x + proj, None)``; one that runs on cuBLAS returns ``(x, proj)`` and the add happens
+# in the next LayerNorm, which is then one add + LayerNorm launch (kernels.layernorm) instead of
+# two kernels. The PyTorch backend defers too, and computes exactly what the unfused model
+# computed: ``x + proj`` then ``F.layer_norm``.
+#
+# kernels_report() keys: ``linear.<op>.<gemv|gemm>`` (gemv: M = B*T <= 16) -> "triton" (the fused
+# GEMV), "cublas" (kernels.linear.cublas_linear), "torch" (reference ops); ``layernorm.<op>`` ->
+# "triton" / "torch" when a LayerNorm runs as its own launch.
+#: Rows (B*T) up to which a projection counts as a GEMV; equals kernels.linear.GEMV_MAX_M (tested).
+GEMV_MAX_M = 16
+
+
+def _phase(x: torch.Tensor) -> str:
+    return "gemv" if x.numel() // x.shape[-1] <= GEMV_MAX_M else "gemm"
+
+
+def linear(
+    x: torch.Tensor,
+    layer,
+    backend: str,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    ln=None,
+    op: str = "linear",
+) -> torch.Tensor:
+    """``residual + act(ln(x) @ layer.weight.T + layer.bias)``, every stage optional.
+
+    ``layer`` is an ``nn.Linear`` (or anything with ``.weight`` ``(N, K)`` and optionally
+    ``.bias``, e.g. the tied ``nn.Embedding`` of the LM head); ``ln`` an ``nn.LayerNorm`` or None;
+    ``activation`` None, ``"gelu_tanh"`` or ``"gelu"``. On the Triton backend the per-shape plan
+    (:func:`kernels.linear.plan`) picks the fused GEMV or cuBLAS; records ``linear.<op>.<phase>``.
+    """
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    ln_kwargs = {} if ln is None else dict(ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps)
+    if backend == "triton":
+        import kernels.linear as triton_linear
+
+        chosen = triton_linear.plan(x, weight, bias, activation=activation, residual=residual, **ln_kwargs)
+        _record(f"linear.{op}.{_phase(x)}", chosen.impl)
+        if chosen.impl == "triton":
+            return triton_linear.linear(
+                x, weight, bias, activation=activation, residual=residual, config=chosen.config, **ln_kwargs
+            )
+        return triton_linear.cublas_linear(x, weight, bias, activation=activation, residual=residual, **ln_kwargs)
+    _record(f"linear.{op}.{_phase(x)}", "torch")
+    return reference.linear(x, weight, bias, activation=activation, residual=residual, **ln_kwargs)
+
+
+def add_layernorm(
+    x: torch.Tensor, ln, backend: str, *, residual: torch.Tensor | None = None, op: str = "layernorm"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(LN(x + residual), x + residual)`` (``residual`` None: ``(LN(x), x)``); one Triton launch."""
+    if backend == "triton":
+        import kernels.layernorm as triton_layernorm
+
+        _record(f"layernorm.{op}", "triton")
+        return triton_layernorm.add_layernorm(x, ln.weight, ln.bias, ln.eps, residual=residual)
+    _record(f"layernorm.{op}", "torch")
+    return reference.add_layernorm(x, ln.weight, ln.bias, ln.eps, residual=residual)
+
+
+def ln_linear(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    ln,
+    layer,
+    backend: str,
+    *,
+    activation: str | None = None,
+    op: str = "linear",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LayerNorm followed by a projection, on the residual stream ``x + delta``.
+
+    Returns ``(act(LN(x + delta) @ W^T + b), x + delta)``: the projection, and the stream with
+    the pending update added (the next residual projection adds to it).
+
+    Triton backend: with a "triton" plan, one GEMV launch with the LayerNorm in its prologue
+    (plus one add when ``delta`` is pending, i.e. after the embedding or a cuBLAS projection);
+    with a "cublas" plan, one add + LayerNorm launch, then cuBLAS and the activation.
+    """
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    if backend == "triton":
+        import kernels.linear as triton_linear
+
+        chosen = triton_linear.plan(
+            x, weight, bias, activation=activation, ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps
+        )
+        _record(f"linear.{op}.{_phase(x)}", chosen.impl)
+        if chosen.impl == "triton":
+            if delta is not None:
+                x = x + delta
+            y = triton_linear.linear(
+                x, weight, bias, activation=activation,
+                ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps, config=chosen.config,
+            )  # fmt: skip
+            return y, x
+        h, x = add_layernorm(x, ln, backend, residual=delta, op=op)
+        return triton_linear.cublas_linear(h, weight, bias, activation=activation), x
+    h, x = add_layernorm(x, ln, backend, residual=delta, op=op)
+    _record(f"linear.{op}.{_phase(h)}", "torch")
+    return reference.linear(h, weight, bias, activation=activation), x
+
+
+def residual_linear(
+    y: torch.Tensor, layer, x: torch.Tensor, backend: str, *, op: str = "linear"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The residual projection ``x + y @ W^T + b`` as ``(stream, pending delta)``.
+
+    A "triton" plan adds ``x`` in the GEMV epilogue and returns ``(x + proj, None)``; cuBLAS and
+    the PyTorch backend return ``(x, proj)``, leaving the add to the next :func:`ln_linear`.
+    """
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    if backend == "triton":
+        import kernels.linear as triton_linear
+
+        chosen = triton_linear.plan(y, weight, bias, residual=x)
+        _record(f"linear.{op}.{_phase(y)}", chosen.impl)
+        if chosen.impl == "triton":
+            return triton_linear.linear(y, weight, bias, residual=x, config=chosen.config), None
+        return x, triton_linear.cublas_linear(y, weight, bias)
+    _record(f"linear.{op}.{_phase(y)}", "torch")
+    return x, reference.linear(y, weight, bias)

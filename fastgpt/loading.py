@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import GPTConfig
+
+if TYPE_CHECKING:
+    from .model import GPT
 
 _DTYPES = {
     "float32": torch.float32,
@@ -54,7 +58,8 @@ def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPTConfig) 
         if tensor is None:
             raise ValueError(f"checkpoint is missing the weight {hf_name!r}")
         if name.endswith(_CONV1D_SUFFIXES) and tensor.dim() == 2:
-            tensor = tensor.t()
+            # Contiguous (out, in) rows: the GEMV kernels stream each weight row along K.
+            tensor = tensor.t().contiguous()
         if tuple(tensor.shape) != tuple(want.shape):
             raise ValueError(
                 f"weight {hf_name!r} has shape {tuple(tensor.shape)} but the config {config} needs {tuple(want.shape)} "

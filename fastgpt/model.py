@@ -5,8 +5,12 @@ Module names follow Hugging Face's GPT-2 (``wte``, ``wpe``, ``h.{i}.ln_1``, ``at
 prefix, so loading is a key-for-key copy (see ``fastgpt.loading``). Linear layers are
 ``nn.Linear``: HF's Conv1D stores the transpose.
 
-Attention goes through ``fastgpt.backend.attention``, the one boundary where the Triton kernels
-replace the PyTorch reference.
+Attention, the projections and the LayerNorms go through ``fastgpt.backend`` (``attention``,
+``ln_linear``, ``residual_linear``), the boundary where the Triton kernels replace the PyTorch
+reference. The residual stream travels as ``(x, delta)``: ``delta`` is an update not yet added
+(the position embedding, or a projection that ran on cuBLAS), added by the next LayerNorm. With
+the Triton backend at decode sizes a layer is 4 launches + attention: LN1 + QKV + bias, out-proj
++ bias + residual, LN2 + FC + bias + GELU, proj + bias + residual (see ``kernels/linear.py``).
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor, cache: KVCache, backend: str) -> torch.Tensor:
-        B, T, C = x.shape
-        qkv = self.c_attn(x)  # (B, T, 3C)
+        """``x``: (B, T, C) LayerNorm-ed input -> (B, T, C) output projection (plain module use)."""
+        return self.c_proj(self.attend(self.c_attn(x), cache, backend))
+
+    def attend(self, qkv: torch.Tensor, cache: KVCache, backend: str) -> torch.Tensor:
+        """``qkv``: (B, T, 3C) fused projection -> (B, T, C) attention output, before ``c_proj``."""
+        B, T, C3 = qkv.shape
         # (B, T, 3C) -> 3 x (B, T, H, D): strided views, no copy; the kernels take the strides.
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)
         y = _backend.attention(q, k, v, cache, self.layer_index, backend)  # (B, T, H, D)
-        return self.c_proj(y.reshape(B, T, C))
+        return y.reshape(B, T, C3 // 3)  # (B, T, H, D) -> (B, T, C)
 
 
 class MLP(nn.Module):
@@ -45,6 +53,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.approximate = ACTIVATIONS[config.activation]
+        #: The activation's name for the fused kernels (fastgpt.reference.LINEAR_ACTIVATIONS).
+        self.activation = {"tanh": "gelu_tanh", "none": "gelu"}[self.approximate]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
@@ -58,9 +68,21 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache, backend: str) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, backend)
-        return x + self.mlp(self.ln_2(x))
+    def forward(
+        self, x: torch.Tensor, cache: KVCache, backend: str, delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pre-LN block on the residual stream ``x + delta`` (``delta`` pending, or None).
+
+        Returns the stream as ``(x, delta)`` again: the last projection either added its output
+        to ``x`` (fused GEMV epilogue, ``delta`` None) or left it pending for the next LayerNorm.
+        Numerically this is ``x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))``.
+        """
+        ops, attn, mlp = _backend, self.attn, self.mlp
+        qkv, x = ops.ln_linear(x, delta, self.ln_1, attn.c_attn, backend, op="qkv")  # (B, T, 3C)
+        y = attn.attend(qkv, cache, backend)  # (B, T, C)
+        x, delta = ops.residual_linear(y, attn.c_proj, x, backend, op="attn_proj")
+        f, x = ops.ln_linear(x, delta, self.ln_2, mlp.c_fc, backend, activation=mlp.activation, op="fc")  # (B, T, 4C)
+        return ops.residual_linear(f, mlp.c_proj, x, backend, op="mlp_proj")
 
 
 class GPT(nn.Module):
@@ -165,21 +187,31 @@ class GPT(nn.Module):
                 raise ValueError(f"input_ids has {T} tokens, more than n_positions ({self.config.n_positions})")
             cache = self.new_cache(B, T)
         backend = _backend.resolve_backend(self.device)
-        x = self.embed(input_ids, cache)
+        # The residual stream starts as (token embedding, pending position embedding): the first
+        # LayerNorm adds them (one add + LayerNorm launch, or the add in front of a fused GEMV).
+        x, delta = self.embed_parts(input_ids, cache)
         for block in self.h:
-            x = block(x, cache, backend)
+            x, delta = block(x, cache, backend, delta)
         cache.advance(T)
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.ln_f(x))
+            x = x[:, -1:]  # (B, 1, C) strided views; the kernels take the row stride
+            delta = None if delta is None else delta[:, -1:]
+        # ln_f fused into the LM head's GEMV (the tied token embedding, no bias).
+        logits, _ = _backend.ln_linear(x, delta, self.ln_f, self.wte, backend, op="lm_head")
+        return logits
 
     def embed(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Token + position embeddings; positions count from each row's first real token."""
+        tok, pos = self.embed_parts(input_ids, cache)
+        return tok + pos
+
+    def embed_parts(self, input_ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(token embeddings, position embeddings)``, each (B, T, C), not yet added."""
         T = input_ids.shape[1]
         slots = cache.pos_tensor + torch.arange(T, device=input_ids.device, dtype=torch.int32)  # (T,)
         # (B, T): a left-padded row's first real token is position 0; pad slots get position 0 too.
         positions = (slots[None, :] - cache.row_start[:, None]).clamp_(min=0)
-        return self.wte(input_ids) + self.wpe(positions)
+        return self.wte(input_ids), self.wpe(positions)
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         # The LM head IS the token-embedding matrix (tied).

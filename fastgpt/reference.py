@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "attention",
+    "attention_at",
     "filter_logits",
     "sampling_probs",
     "greedy",
@@ -94,6 +95,38 @@ def attention(
     # A pad query has no valid key; let it see slot 0 so softmax stays finite, then zero it.
     allowed = allowed | (is_pad_query[:, :, None] & (k_slot == 0)[None, None, :])
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed[:, None], scale=scale)
+    out = out.masked_fill(is_pad_query[:, None, :, None], 0.0)
+    return out.transpose(1, 2)
+
+
+def attention_at(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_pos: torch.Tensor,
+    row_start: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`attention` with the start slot as a ``(1,)`` device tensor instead of a host int.
+
+    Attends over the whole cache with a mask built on the device, so it is CUDA-graph safe
+    (nothing depends on a host value) at the cost of reading all ``S_max`` slots: the fallback of
+    the Triton backend for head sizes its kernels do not cover.
+    """
+    B, T, H, D = q.shape
+    S = k_cache.shape[2]
+    slots = cache_pos.to(torch.long) + torch.arange(T, device=q.device)  # (T,)
+    k_cache.index_copy_(2, slots, k.transpose(1, 2).to(k_cache.dtype))
+    v_cache.index_copy_(2, slots, v.transpose(1, 2).to(v_cache.dtype))
+    k_slot = torch.arange(S, device=q.device)
+    row_start = row_start.to(torch.long)
+    allowed = (k_slot[None, None, :] <= slots[None, :, None]) & (k_slot[None, None, :] >= row_start[:, None, None])
+    is_pad_query = slots[None, :] < row_start[:, None]  # (B, T)
+    allowed = allowed | (is_pad_query[:, :, None] & (k_slot == 0)[None, None, :])
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache, v_cache, attn_mask=allowed[:, None], scale=1.0 / math.sqrt(D)
+    )
     out = out.masked_fill(is_pad_query[:, None, :, None], 0.0)
     return out.transpose(1, 2)
 
@@ -213,3 +246,70 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
     return values[..., :k], indices[..., :k]
+
+
+# --------------------------------------------------------------------------------------------
+# Layer ops: LayerNorm with a residual add, linear with fused LayerNorm / bias / GELU / residual
+# --------------------------------------------------------------------------------------------
+__all__ += ["LINEAR_ACTIVATIONS", "add_layernorm", "linear"]
+
+#: Activations a fused linear may apply, by name -> ``F.gelu``'s ``approximate`` argument.
+#: GPT-2 uses ``"gelu_tanh"`` (Hugging Face's ``gelu_new``).
+LINEAR_ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}
+
+
+def add_layernorm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` (``x`` when None), ``h = LayerNorm(s)`` over the last dimension.
+
+    ``s`` is rounded to ``x``'s dtype before it is normalised (exactly what ``x + residual``
+    followed by ``F.layer_norm`` computes), the variance is the biased one, and
+    ``h = (s - mean) / sqrt(var + eps) * weight + bias``. Returns ``(h, s)``.
+    """
+    s = x if residual is None else x + residual
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-5,
+) -> torch.Tensor:
+    """``residual + act(LN(x) @ weight.T + bias)``, each stage optional, in ``x``'s dtype.
+
+    Parameters
+    ----------
+    x : (..., K)
+    weight : (N, K), ``nn.Linear`` layout.
+    bias : (N,) or None.
+    activation : None, ``"gelu_tanh"`` or ``"gelu"`` (see :data:`LINEAR_ACTIVATIONS`).
+    residual : (..., N) or None, added last.
+    ln_weight, ln_bias : (K,) -- when given, ``x`` is first LayerNorm-ed (eps ``ln_eps``).
+
+    Each stage runs as its own PyTorch op and rounds to the dtype, which is how the unfused model
+    computes it (``x + c_proj(...)``, ``F.gelu(c_fc(ln_2(x)))``); fused kernels round once, at the
+    end, and are compared with this function evaluated in float64.
+    """
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("ln_weight and ln_bias must be given together")
+    if activation is not None and activation not in LINEAR_ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {sorted(LINEAR_ACTIVATIONS)}, got {activation!r}")
+    if ln_weight is not None:
+        x = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, ln_eps)
+    y = F.linear(x, weight, bias)
+    if activation is not None:
+        y = F.gelu(y, approximate=LINEAR_ACTIVATIONS[activation])
+    if residual is not None:
+        y = residual + y
+    return y

@@ -20,6 +20,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def fix_interpreter_loop_bounds() -> None:
+    """Let the Triton interpreter take tensor loop bounds again under numpy >= 2.4.
+
+    The interpreter turns a ``range(lo, hi)`` bound into an int with ``int(array)``, and its scalars
+    are arrays of shape ``(1,)``, which numpy 2.4 refuses ("only 0-dimensional arrays can be
+    converted", triton-lang/triton#9171, unfixed in Triton 3.6). We wrap the interpreter's tensor
+    patching to install an ``__index__`` that reads the single element. CPU interpreter only;
+    compiled kernels are untouched. Idempotent.
+    """
+    try:
+        from triton.runtime import interpreter as _interp
+    except ImportError:  # pragma: no cover - no interpreter in this Triton
+        return
+    original = getattr(_interp, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_scalar_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        # set_attr records the previous value and restores in LIFO order after the launch.
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._scalar_index_fix = True
+    _interp._patch_lang_tensor = patched
+
+
+if interpreting():
+    fix_interpreter_loop_bounds()
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

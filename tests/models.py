@@ -16,12 +16,18 @@ SMALL_CONFIGS = {
     "odd-1001": (1001, 96, 60, 5, 3),
     "v50257-d256": (50257, 128, 256, 8, 4),
 }
+#: head_dim 64, a size the Triton attention kernels take (the configs above have 16, 12 and 32).
+HD64_CONFIGS = {
+    "hd64-257": (257, 32, 128, 2, 1),  # small enough for the Triton interpreter
+    "hd64-1001": (1001, 96, 128, 2, 2),
+    "hd64-50257": (50257, 128, 256, 4, 4),
+}
 
 
 def hf_gpt2(name: str = "tiny-503", *, seed: int = 0, eos_token_id: int | None = None, sharp: bool = True) -> GPT2LMHeadModel:
     """A random GPT2LMHeadModel. ``sharp`` widens the weights so greedy decoding produces varied
     tokens (GPT-2's own 0.02 init gives near-uniform logits and repeats one token)."""
-    vocab, n_pos, n_embd, n_head, n_layer = SMALL_CONFIGS[name]
+    vocab, n_pos, n_embd, n_head, n_layer = {**SMALL_CONFIGS, **HD64_CONFIGS}[name]
     config = GPT2Config(
         vocab_size=vocab,
         n_positions=n_pos,

@@ -40,7 +40,6 @@ def test_greedy_left_padded_batch_matches_transformers_and_rows_alone():
     expected = hf_greedy(hf, ids, 25, attention_mask=mask, pad_token_id=5)
     got = model.generate(ids, 25, attention_mask=mask, pad_token_id=5)
     assert torch.equal(got, expected)
-    T = ids.shape[1]
     for b in range(ids.shape[0]):
         start = int((mask[b] == 0).sum())
         alone = model.generate(ids[b : b + 1, start:], 25)

@@ -124,3 +124,19 @@ def test_topk_reference_ties_and_nan_order():
     values, indices = reference.topk(x, 5)
     assert indices.tolist() == [[1, 6, 4, 2, 3]]
     assert values[0, 2:].tolist() == [float("inf"), 3.0, 3.0]
+
+
+@pytest.mark.parametrize("row_start", [[0, 0], [2, 0]])
+def test_attention_at_device_position_equals_host_position(row_start):
+    torch.manual_seed(5)
+    B, T, H, D, S = 2, 6, 2, 8, 10
+    q, k, v = (torch.randn(B, T + 2, H, D, dtype=torch.float64) for _ in range(3))
+    rs = torch.tensor(row_start, dtype=torch.int32)
+    host = [torch.zeros(B, H, S, D, dtype=torch.float64) for _ in range(2)]
+    dev = [torch.zeros(B, H, S, D, dtype=torch.float64) for _ in range(2)]
+    for start, stop in [(0, T), (T, T + 1), (T + 1, T + 2)]:
+        sl = slice(start, stop)
+        want = reference.attention(q[:, sl], k[:, sl], v[:, sl], *host, start, rs)
+        got = reference.attention_at(q[:, sl], k[:, sl], v[:, sl], *dev, torch.tensor([start]), rs)
+        assert torch.allclose(got, want, atol=1e-12)
+    assert torch.equal(dev[0], host[0]) and torch.equal(dev[1], host[1])

@@ -1,0 +1,766 @@
+"""Skinny matmul (GEMV) for decode-sized batches, with a fused LayerNorm prologue and fused bias,
+GELU and residual epilogues (Triton), and the per-shape choice between it and cuBLAS.
+
+Maths
+-----
+For ``x`` with ``M = B*T`` rows of ``K`` features and an ``nn.Linear`` weight ``W`` of shape
+``(N, K)``::
+
+    a   = LN(x)                = (x - mean) / sqrt(var + eps) * ln_weight + ln_bias    (optional)
+    out = residual + act(a @ W^T + bias)                                                (each optional)
+
+``act`` is GPT-2's tanh GELU (``"gelu_tanh"``: ``0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))``,
+computed as the equal ``y * sigmoid(2 u)``, which cannot overflow) or the erf GELU (``"gelu"``).
+Semantics: :func:`fastgpt.reference.linear`. The LayerNorm output is rounded to the input dtype
+before the product (what a separate LayerNorm kernel would store), then everything accumulates in
+float32 and is rounded once, when ``out`` is stored.
+
+Why: at batch 1 a decode step is a chain of matrix-vector products, each bound by reading its
+weight once. A GEMV must stream ``W`` at close to the copy bandwidth, and the small element-wise
+ops around it (LayerNorm, bias, GELU, residual add) cost a launch each while moving almost nothing;
+here they ride along in the one launch that reads ``W``.
+
+Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
+-----------------------------------------------------------------
+* Program ``(n, s)`` owns output columns ``[n*BLOCK_N, (n+1)*BLOCK_N)`` for all ``M`` rows and the
+  K range ``[s*k_per_split, (s+1)*k_per_split)``. Rows of ``W`` are read along K, contiguous: the
+  ``nn.Linear`` layout is the efficient direction, no transpose is ever made.
+* ``M == 1`` (``BLOCK_M = 1``): a ``(BLOCK_N, BLOCK_K)`` float32 accumulator takes ``w * x``
+  element-wise in the loop and is reduced over K once at the end (no per-iteration shuffles).
+  ``2 <= M <= 16`` (``BLOCK_M = 16``): ``tl.dot`` on tensor cores (float32 inputs: ``"ieee"``
+  precision, no TF32), rows past ``M`` masked.
+* LayerNorm prologue: every program first computes the mean and variance of its ``M`` rows over
+  the whole of K (two passes, exact like the reference; the rows are KBs and come from L1/L2, the
+  weight tile is what costs), then normalises each ``x`` chunk just before the product. No program
+  writes the normalised rows: the LayerNorm output is never materialised.
+* Split-K, for shapes with few column tiles (e.g. ``N = 768``): each split writes its float32
+  partial sums to a workspace, then ``bar.sync`` + one ``atom.add.acq_rel.gpu`` on a per-tile
+  counter. The split that arrives last (counter == ``n_split - 1``) sums the partials in split
+  order (deterministic whatever the arrival order), runs the epilogue, stores ``out`` and resets
+  the counter to 0 for the next launch; the others store nothing. One launch, no zero-fill, no
+  second kernel. The release (barrier then the releasing atomic, as CUTLASS's semaphore does) and
+  the acquire (the atomic, then the partials loaded with ``.cg``, bypassing L1) make every
+  partial visible to the finishing program.
+
+Per-shape choice (:func:`plan`)
+-------------------------------
+``plan(...)`` returns a :class:`LinearPlan`: ``"triton"`` (this GEMV, with a tile config) or
+``"cublas"`` (:func:`cublas_linear`: ``F.linear``/``addmm`` with the LayerNorm as one
+:func:`kernels.layernorm.add_layernorm` launch before it and the activation / residual as torch
+ops after it). Plans are cached per ``(device, dtype, N, K, M bucket, epilogue)`` with M buckets
+1, 2, 4, 8, 16:
+
+* ``M > GEMV_MAX_M`` (prefill): always cuBLAS (compute-bound, cuBLAS is the right tool).
+* CPU (the Triton interpreter): the GEMV with the default config, so the tests exercise it.
+* CUDA: on the first eager call for a key, the candidate configs (:func:`candidate_configs`: two
+  tiles at the heuristic split by default) and the cuBLAS path are run on the call's own tensors,
+  checked against each other (a Triton config whose result disagrees with cuBLAS is discarded
+  with a warning) and timed with L2 flushed between repetitions (in a decode step every weight
+  comes from HBM; the flush buffer, 2 x L2, exists only during the measurement); the fastest
+  wins and is kept for the life of the process (:func:`plans` lists them, :func:`clear_plans`
+  forgets them). This takes ~0.1 s plus Triton's compile time (~1 s per new config) per key, once.
+* ``FASTGPT_LINEAR``: ``auto`` (default) measures as above, ``tune`` measures every tile at two
+  splits, ``triton`` / ``cublas`` force one side without measuring.
+
+CUDA graphs: the measurement launches kernels, allocates and synchronises, so it must happen
+before capture; the first eager call with the same shapes (the usual warm-up) resolves it. A call
+during capture whose key has no plan falls back to cuBLAS (with one warning) without caching
+that choice. The split-K workspace of a (shape, config) is allocated on its first eager launch and
+reused by every later launch and graph replay (launches on one stream are ordered, and each
+finishing program leaves its counter at 0); a split-K launch whose workspace does not exist yet
+raises during capture instead of allocating inside the graph's private pool.
+
+Kernel count per transformer layer, decode (M = B <= 16), by construction
+--------------------------------------------------------------------------
+Before (PyTorch ops): ln_1, c_attn addmm, [attention], c_proj addmm, residual add, ln_2, c_fc addmm,
+GELU, c_proj addmm, residual add = 9 launches + attention.
+After (every GEMV plan "triton"): ln_1+c_attn+bias, [attention], c_proj+bias+residual,
+ln_2+c_fc+bias+GELU, c_proj+bias+residual = 4 launches + attention; per step, ln_f + LM head is one
+more launch (and the first layer's ``wte + wpe`` one add). With a "cublas" plan an op costs its
+cuBLAS call plus one LayerNorm launch (ln ops) or plus nothing (residual ops: the add is deferred
+into the next LayerNorm, which becomes an add + LayerNorm launch); see ``fastgpt.backend``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.layernorm import add_layernorm, as_rows, check_no_partial_overlap, check_rows_disjoint
+from kernels.utils import check_tensor, interpreting, triton_usable_on
+
+__all__ = [
+    "GEMV_MAX_M",
+    "ACTIVATIONS",
+    "GemvConfig",
+    "M1_TILES",
+    "DOT_TILES",
+    "LinearPlan",
+    "linear",
+    "cublas_linear",
+    "default_config",
+    "candidate_configs",
+    "plan",
+    "plans",
+    "clear_plans",
+    "workspace_for",
+    "m_bucket",
+]
+
+#: The most rows (B*T) the GEMV kernel takes; larger M is a GEMM (prefill) and goes to cuBLAS.
+GEMV_MAX_M = 16
+
+#: Activation name -> the kernel's ACTIVATION code (names as in fastgpt.reference.LINEAR_ACTIVATIONS).
+ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2}
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One tile shape of the GEMV kernel.
+
+    ``split_k`` is an upper bound: the launcher uses ``cdiv(K, k_per_split)`` splits with
+    ``k_per_split`` a multiple of ``block_k``, so that no split is empty.
+    """
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+
+    def with_split(self, split_k: int) -> "GemvConfig":
+        return GemvConfig(self.block_n, self.block_k, self.num_warps, self.num_stages, split_k)
+
+
+#: ``(block_n, block_k, num_warps, num_stages)`` tiles for M == 1 (element-wise FMA + one reduction).
+M1_TILES: tuple[tuple[int, int, int, int], ...] = ((16, 256, 4, 3), (32, 256, 8, 3), (8, 512, 4, 3), (16, 512, 8, 3))
+#: Tiles for 2 <= M <= 16 (tl.dot with BLOCK_M = 16; block_n, block_k >= 16 for the MMA shape).
+DOT_TILES: tuple[tuple[int, int, int, int], ...] = ((32, 128, 4, 3), (64, 128, 4, 3), (16, 256, 4, 3))
+#: FASTGPT_LINEAR=auto measures the first AUTO_TILES tiles of the regime at the heuristic split
+#: (each distinct config is a Triton compile, ~1 s, at first use); =tune measures every tile at
+#: the heuristic split and twice it.
+AUTO_TILES = 2
+
+#: Split-K aims for about this many programs per SM, with at most MAX_SPLIT_K splits.
+PROGRAMS_PER_SM = 4
+MAX_SPLIT_K = 32
+
+
+def _block_m(M: int) -> int:
+    return 1 if M == 1 else 16
+
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    part_ptr,
+    count_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_rm,
+    stride_om,
+    n_split,
+    k_per_split,
+    ln_eps,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # 0 none, 1 gelu_tanh, 2 gelu (erf)
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    LN_ROW: tl.constexpr,  # > 0: LayerNorm statistics from one (BLOCK_M, LN_ROW) load of the rows
+    USE_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter + bfloat16 only, see _dot_flags
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)  # (BM,)
+    mask_m = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    mask_n = offs_n < N
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    offs_kb = tl.arange(0, BLOCK_K)  # (BK,)
+    # Row base pointers; int64 so that row * stride never wraps (the LM head is 50257 x 1600).
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # (BM, 1)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BN, 1)
+    offs_m64 = offs_m.to(tl.int64)
+    if USE_SPLIT:
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+    else:
+        k_lo = 0
+        k_hi = K
+
+    # Latency, not bandwidth, bounds a program here (1-4 K chunks each): issue the first weight
+    # tile and the epilogue's operands before anything waits on memory.
+    if BLOCK_M == 1:
+        offs_k = k_lo + offs_kb
+        w_next = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :], mask=mask_mn, other=0.0)
+
+    if HAS_LN:
+        # Row statistics over the whole of K (every split needs them), exact two-pass maths.
+        if LN_ROW > 0:
+            # The whole row block in one load (M == 1, K <= 4096).
+            offs_r = tl.arange(0, LN_ROW)
+            mask_r = offs_r < K
+            xr = tl.load(x_rows + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            xr = xr.to(tl.float32)  # (BM, LN_ROW)
+            mean = tl.sum(xr, axis=1) / K  # (BM,)
+            d = tl.where(mask_r[None, :], xr - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + ln_eps)  # (BM,)
+        else:
+            # Chunked; the sums accumulate lane-wise and are reduced across threads once per pass.
+            total = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + offs_kb
+                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+                total += xt.to(tl.float32)
+            mean = tl.sum(total, axis=1) / K  # (BM,)
+            sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):  # these re-reads hit L1
+                offs_k = k0 + offs_kb
+                mask_k = offs_k < K
+                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                d = tl.where(mask_k[None, :], xt.to(tl.float32) - mean[:, None], 0.0)
+                sq += d * d
+            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=1) / K + ln_eps)  # (BM,)
+
+    if BLOCK_M == 1:
+        # acc2 takes w * x element-wise; one cross-thread reduction after the loop. The next
+        # weight tile is loaded before the current one is used (two tiles in flight).
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            w = w_next
+            offs_nx = k0 + BLOCK_K + offs_kb
+            w_next = tl.load(w_rows + offs_nx[None, :], mask=mask_n[:, None] & (offs_nx < k_hi)[None, :], other=0.0)
+            offs_k = k0 + offs_kb
+            mask_k = offs_k < k_hi
+            xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (1, BK)
+            if HAS_LN:
+                g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                # Masked K lanes get g = b = 0 and stay 0; rounded like a stored LayerNorm output.
+                xn = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
+                xt = xn.to(x_ptr.dtype.element_ty)
+            acc2 += w.to(tl.float32) * xt.to(tl.float32)  # (BN, BK) * (1, BK)
+        acc = tl.sum(acc2, axis=1)[None, :]  # (1, BN)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):  # tl.dot loads are software-pipelined (num_stages)
+            offs_k = k0 + offs_kb
+            mask_k = offs_k < k_hi
+            xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BM, BK)
+            if HAS_LN:
+                g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                xn = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
+                xt = xn.to(x_ptr.dtype.element_ty)
+            w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # (BN, BK)
+            if UPCAST_DOT:
+                acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, tl.trans(w), acc, input_precision=DOT_PRECISION)  # (BM, BK) @ (BK, BN)
+
+    if USE_SPLIT:
+        # Partials: (n_split, M, N) float32; index (s*M + m)*N + n fits int32 (checked on the host).
+        tl.store(part_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :], acc, mask=mask_mn)
+        # Every thread's partial stores happen before the one releasing atomic (CTA barrier).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        last = arrived == n_split - 1
+        mask_last = mask_mn & last
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Fixed split order (the same sum whichever split finishes), 8 loads in flight at a time.
+        for s0 in range(0, n_split, 8):
+            for j in tl.static_range(8):
+                p = part_ptr + ((s0 + j) * M + offs_m)[:, None] * N + offs_n[None, :]
+                acc += tl.load(p, mask=mask_last & (s0 + j < n_split), other=0.0, cache_modifier=".cg")
+        tl.store(count_ptr + pid_n, 0, mask=last)  # ready for the next launch / graph replay
+        mask_out = mask_last
+    else:
+        mask_out = mask_mn
+
+    if HAS_BIAS:
+        acc += bias[None, :]
+    if ACTIVATION == 1:
+        # 0.5 y (1 + tanh(u)) == y * sigmoid(2u): exp overflow to inf gives y / inf = 0, not NaN.
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + tl.exp(-2.0 * u))
+    elif ACTIVATION == 2:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    if HAS_RESIDUAL:
+        acc += res.to(tl.float32)
+    tl.store(out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and the split-K workspace
+# --------------------------------------------------------------------------------------------
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter: few programs (each costs ~0.1 s there); tests pick split-K explicitly
+
+
+def _split_for(N: int, K: int, block_n: int, block_k: int, n_sm: int) -> int:
+    """Splits so that column tiles x splits reaches ~PROGRAMS_PER_SM programs per SM."""
+    n_tiles = triton.cdiv(N, block_n)
+    k_chunks = triton.cdiv(K, block_k)
+    want = triton.cdiv(PROGRAMS_PER_SM * n_sm, n_tiles)
+    return max(1, min(k_chunks, want, MAX_SPLIT_K))
+
+
+def _effective_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(n_split, k_per_split): at most ``split_k`` non-empty splits of whole BLOCK_K chunks."""
+    k_chunks = triton.cdiv(K, block_k)
+    per = triton.cdiv(k_chunks, max(1, min(split_k, k_chunks)))
+    return triton.cdiv(k_chunks, per), per * block_k
+
+
+def default_config(M: int, N: int, K: int, device: torch.device | str) -> GemvConfig:
+    """The config used without a measurement (the interpreter, ``FASTGPT_LINEAR=triton``)."""
+    tiles = M1_TILES if M == 1 else DOT_TILES
+    bn, bk, warps, stages = tiles[0]
+    return GemvConfig(bn, bk, warps, stages, _split_for(N, K, bn, bk, _num_sms(torch.device(device))))
+
+
+def candidate_configs(M: int, N: int, K: int, device: torch.device | str, *, exhaustive: bool = False) -> list[GemvConfig]:
+    """The configs the measurement tries for this shape, deduplicated: the first AUTO_TILES tiles
+    of the M regime at the heuristic split or, ``exhaustive``, every tile at the heuristic split
+    and at twice it (``FASTGPT_LINEAR=tune``)."""
+    n_sm = _num_sms(torch.device(device))
+    tiles = M1_TILES if M == 1 else DOT_TILES
+    out: list[GemvConfig] = []
+    for bn, bk, warps, stages in tiles if exhaustive else tiles[:AUTO_TILES]:
+        s = _split_for(N, K, bn, bk, n_sm)
+        for split in (s, 2 * s) if exhaustive else (s,):
+            n_split, _ = _effective_split(K, bk, split)
+            cfg = GemvConfig(bn, bk, warps, stages, n_split)
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace_for(M: int, N: int, config: GemvConfig, K: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K workspace a launch of ``config`` on an (M, N, K) problem uses.
+
+    ``(partials, counters)``: float32 ``(n_split, m_bucket(M), N)`` and int32 ``(n_tiles,)`` zeros,
+    allocated on first use and kept (and reused) for the life of the process, one per
+    (device, N, tile, split, M bucket). Raises RuntimeError when it would have to be allocated
+    during CUDA-graph capture.
+    """
+    device = torch.device(device)
+    n_split, _ = _effective_split(K, config.block_k, config.split_k)
+    rows = m_bucket(M)
+    n_tiles = triton.cdiv(N, config.block_n)
+    key = (device, N, config.block_n, n_split, rows)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "kernels.linear: the split-K workspace for this shape does not exist yet and cannot be "
+                "allocated during CUDA-graph capture; run the same call once eagerly before capturing"
+            )
+        ws = (
+            torch.empty((n_split, rows, N), dtype=torch.float32, device=device),
+            torch.zeros((n_tiles,), dtype=torch.int32, device=device),
+        )
+        _WORKSPACES[key] = ws
+    return ws
+
+
+def m_bucket(M: int) -> int:
+    """1, 2, 4, 8, 16 for M <= 16 (the next power of two); M itself beyond."""
+    return 1 << (M - 1).bit_length() if M <= GEMV_MAX_M else M
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher
+# --------------------------------------------------------------------------------------------
+def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps):
+    """Shared validation of the Triton launcher and the cuBLAS path; returns (x_rows, N, K)."""
+    check_tensor(x, "x", dtypes=_FLOAT_DTYPES, last_dim_contiguous=True)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have a non-empty last dimension (K), got shape {tuple(x.shape)}")
+    dtype, device, K = x.dtype, x.device, x.shape[-1]
+    check_tensor(weight, "weight", ndim=2, dtypes=(dtype,), device=device)
+    if weight.shape[1] != K:
+        raise ValueError(f"weight must be (N, K={K}) in nn.Linear layout, got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one output row (N >= 1)")
+    if weight.stride(1) != 1 and K > 1:
+        raise ValueError(f"weight must be contiguous along K (its last dimension), got strides {weight.stride()}")
+    N = weight.shape[0]
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1, dtypes=(dtype,), device=device)
+        if bias.shape[0] != N or (N > 1 and bias.stride(0) != 1):
+            raise ValueError(f"bias must be a contiguous ({N},) tensor, got shape {tuple(bias.shape)} strides {bias.stride()}")
+    if activation not in ACTIVATIONS:
+        allowed = ", ".join(repr(a) for a in ACTIVATIONS)
+        raise ValueError(f"activation must be one of {allowed}, got {activation!r}")
+    if residual is not None:
+        check_tensor(residual, "residual", dtypes=(dtype,), device=device, last_dim_contiguous=True)
+        expected = (*x.shape[:-1], N)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"residual must have shape {expected} (x's rows, N), got {tuple(residual.shape)}")
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("ln_weight and ln_bias must be given together (or neither)")
+    if ln_weight is not None:
+        for t, name in ((ln_weight, "ln_weight"), (ln_bias, "ln_bias")):
+            check_tensor(t, name, ndim=1, dtypes=(dtype,), device=device)
+            if t.shape[0] != K or (K > 1 and t.stride(0) != 1):
+                raise ValueError(f"{name} must be a contiguous ({K},) tensor, got shape {tuple(t.shape)} strides {t.stride()}")
+        if isinstance(ln_eps, bool) or not isinstance(ln_eps, (int, float)) or not 0 < ln_eps < float("inf"):
+            raise ValueError(f"ln_eps must be a finite number > 0, got {ln_eps!r}")
+    return as_rows(x, "x"), N, K
+
+
+def _check_out(out, x, N, dtype, device, residual, weight):
+    expected = (*x.shape[:-1], N)
+    if out is None:
+        return torch.empty(expected, dtype=dtype, device=device)
+    check_tensor(out, "out", dtypes=(dtype,), device=device, last_dim_contiguous=True)
+    if tuple(out.shape) != expected:
+        raise ValueError(f"out must have shape {expected}, got {tuple(out.shape)}")
+    # Other programs still read x and W while one writes out; only the residual, read and written
+    # element by element by the same program, may be the same tensor (in place).
+    check_rows_disjoint(as_rows(out, "out"), "out")
+    check_no_partial_overlap(out, "out", x, "x", may_alias=False)
+    check_no_partial_overlap(out, "out", weight, "weight", may_alias=False)
+    if residual is not None:
+        check_no_partial_overlap(out, "out", residual, "residual", may_alias=True)
+    return out
+
+
+def _check_config(config: GemvConfig, M: int) -> None:
+    if not isinstance(config, GemvConfig):
+        raise TypeError(f"config must be a GemvConfig, got {type(config).__name__}")
+    for name in ("block_n", "block_k"):
+        v = getattr(config, name)
+        if not isinstance(v, int) or v < 1 or v & (v - 1) or v > 4096:
+            raise ValueError(f"config.{name} must be a power of two in [1, 4096], got {v!r}")
+    if M > 1 and (config.block_n < 16 or config.block_k < 16):
+        raise ValueError(f"M={M} > 1 uses tl.dot: config.block_n and config.block_k must be >= 16, got {config}")
+    if config.num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"config.num_warps must be one of 1, 2, 4, 8, 16, got {config.num_warps!r}")
+    if not isinstance(config.num_stages, int) or not 1 <= config.num_stages <= 8:
+        raise ValueError(f"config.num_stages must be in [1, 8], got {config.num_stages!r}")
+    if not isinstance(config.split_k, int) or not 1 <= config.split_k <= 1024:
+        raise ValueError(f"config.split_k must be in [1, 1024], got {config.split_k!r}")
+
+
+#: The widest row whose LayerNorm statistics come from a single load (M == 1).
+LN_ROW_MAX = 4096
+
+
+def _ln_row(has_ln: bool, M: int, K: int) -> int:
+    """LN_ROW: ``next_power_of_2(K)`` for M == 1 rows up to LN_ROW_MAX, else 0 (chunked passes)."""
+    width = triton.next_power_of_2(K)
+    return width if has_ln and M == 1 and width <= LN_ROW_MAX else 0
+
+
+def _dot_flags(dtype: torch.dtype) -> tuple[str, bool]:
+    """``(DOT_PRECISION, UPCAST_DOT)``: float32 dots are exact FMA (``"ieee"``, no TF32); the Triton
+    3.6 interpreter multiplies bfloat16 bit patterns as integers in ``tl.dot``, so there (only) the
+    bf16 operands are widened to float32 first: the same exact products the tensor cores form."""
+    return ("ieee" if dtype == torch.float32 else "tf32"), (interpreting() and dtype == torch.bfloat16)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-5,
+    out: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """``residual + act(LN(x) @ weight.T + bias)`` for ``M <= GEMV_MAX_M`` rows, one Triton launch.
+
+    Parameters
+    ----------
+    x : (..., K) float16 / bfloat16 / float32, ``M = prod(leading dims)`` in ``[1, 16]``; its rows
+        may be strided (e.g. ``h[:, -1]``) but must be viewable as ``(M, K)``; last dim contiguous.
+    weight : (N, K) in x's dtype, ``nn.Linear`` layout, contiguous along K.
+    bias : (N,) or None.
+    activation : None, ``"gelu_tanh"`` or ``"gelu"``.
+    residual : (..., N) with x's leading shape, or None; may be ``out`` itself (in place).
+    ln_weight, ln_bias : (K,) -- LayerNorm ``x`` first (eps ``ln_eps`` > 0); both or neither.
+    out : (..., N) preallocated output, or None to allocate. Must not overlap x or weight.
+    config : the tile config, or None for :func:`default_config`.
+
+    Returns
+    -------
+    (..., N) tensor in x's dtype (``out`` when given).
+
+    CUDA-graph capturable once the same call ran eagerly (compile, split-K workspace).
+    """
+    x_rows, N, K = _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps)
+    dtype, device = x.dtype, x.device
+    if not triton_usable_on(device):
+        raise ValueError(
+            f"kernels.linear.linear runs a Triton kernel: x must be on a CUDA device, or on the CPU with "
+            f"TRITON_INTERPRET=1 set before kernels are imported; got {device}"
+        )
+    M = x_rows.shape[0]
+    if not 1 <= M <= GEMV_MAX_M:
+        raise ValueError(
+            f"x has M={M} rows (the product of its leading dims); the GEMV kernel takes 1 <= M <= {GEMV_MAX_M}. "
+            "Use cublas_linear (or plan()) for larger M"
+        )
+    out = _check_out(out, x, N, dtype, device, residual, weight)
+    if config is None:
+        config = default_config(M, N, K, device)
+    _check_config(config, M)
+    out_rows = as_rows(out, "out")
+    res_rows = as_rows(residual, "residual") if residual is not None else out_rows
+
+    n_split, k_per_split = _effective_split(K, config.block_k, config.split_k)
+    n_tiles = triton.cdiv(N, config.block_n)
+    if n_split > 1:
+        if n_split * m_bucket(M) * N > _INT32_MAX:
+            raise ValueError(f"split-K partials of {n_split} x {M} x {N} exceed int32 indexing; use a smaller config.split_k")
+        partials, counters = workspace_for(M, N, config, K, device)
+    else:
+        partials = counters = out_rows  # unused (USE_SPLIT=False)
+    has_ln = ln_weight is not None
+    dot_precision, upcast_dot = _dot_flags(dtype)
+    if not has_ln:
+        ln_weight = ln_bias = out_rows  # unused (HAS_LN=False)
+
+    _gemv_kernel[(n_tiles, n_split)](
+        x_rows, weight, bias if bias is not None else out_rows, res_rows, out_rows,
+        ln_weight, ln_bias, partials, counters,
+        M, N, K, x_rows.stride(0), weight.stride(0), res_rows.stride(0), out_rows.stride(0),
+        n_split, k_per_split, float(ln_eps),
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_RESIDUAL=residual is not None,
+        HAS_LN=has_ln, LN_ROW=_ln_row(has_ln, M, K), USE_SPLIT=n_split > 1,
+        BLOCK_M=_block_m(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The cuBLAS side of the choice
+# --------------------------------------------------------------------------------------------
+_GELU_APPROX = {"gelu_tanh": "tanh", "gelu": "none"}
+
+
+def cublas_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-5,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same op as :func:`linear` for any M, as cuBLAS plus small kernels.
+
+    LayerNorm: one :func:`kernels.layernorm.add_layernorm` launch (Triton); the product with its
+    bias: ``torch.addmm`` / ``torch.mm`` (cuBLAS on the GPU) into ``out``; then the GELU and the
+    residual add in place on ``out``. Used for prefill (M > 16) and where the measurement finds
+    cuBLAS faster.
+    """
+    x_rows, N, K = _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps)
+    out = _check_out(out, x, N, x.dtype, x.device, residual, weight)
+    if residual is not None and residual.data_ptr() == out.data_ptr():
+        raise ValueError("cublas_linear writes out before it adds the residual: out must not be the residual")
+    if ln_weight is not None:
+        x_rows = as_rows(add_layernorm(x_rows, ln_weight, ln_bias, ln_eps)[0], "x")
+    out_rows = as_rows(out, "out")
+    if bias is not None:
+        torch.addmm(bias, x_rows, weight.t(), out=out_rows)
+    else:
+        torch.mm(x_rows, weight.t(), out=out_rows)
+    if activation is not None:
+        torch.ops.aten.gelu_(out_rows, approximate=_GELU_APPROX[activation])
+    if residual is not None:
+        out_rows.add_(as_rows(residual, "residual"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The per-shape choice
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one (shape, dtype, epilogue) runs: ``impl`` ``"triton"`` (with ``config``) or ``"cublas"``."""
+
+    impl: str
+    config: GemvConfig | None
+    reason: str
+    #: Median microseconds per candidate (``"cublas"`` and ``str(config)``), when measured.
+    times_us: dict = field(default_factory=dict, compare=False)
+
+
+_PLANS: dict[tuple, LinearPlan] = {}
+_warned_capture = False
+
+
+def _forced() -> str:
+    choice = os.environ.get("FASTGPT_LINEAR", "auto").strip().lower() or "auto"
+    if choice not in ("auto", "tune", "triton", "cublas"):
+        raise ValueError(f"FASTGPT_LINEAR must be one of auto, tune, triton, cublas; got {choice!r}")
+    return choice
+
+
+def plan(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-5,
+) -> LinearPlan:
+    """The implementation this op should use, measured once per key on CUDA (see the module doc).
+
+    The arguments are those of the call about to be made (the measurement runs on them; nothing is
+    written to them).
+    """
+    M = x.numel() // max(1, x.shape[-1])
+    N, K = weight.shape
+    if M > GEMV_MAX_M or M < 1:
+        return LinearPlan("cublas", None, f"M={M} > {GEMV_MAX_M}: GEMM")
+    forced = _forced()
+    if forced == "cublas":
+        return LinearPlan("cublas", None, "FASTGPT_LINEAR=cublas")
+    if forced == "triton" or x.device.type != "cuda":
+        reason = "FASTGPT_LINEAR=triton" if forced == "triton" else "interpreter: default config"
+        return LinearPlan("triton", default_config(M, N, K, x.device), reason)
+    key = (
+        x.device, x.dtype, N, K, m_bucket(M),
+        bias is not None, activation, residual is not None, ln_weight is not None,
+    )  # fmt: skip
+    found = _PLANS.get(key)
+    if found is not None:
+        return found
+    if torch.cuda.is_current_stream_capturing():
+        global _warned_capture
+        if not _warned_capture:
+            warnings.warn(
+                "kernels.linear: first use of a linear shape during CUDA-graph capture; using cuBLAS for it. "
+                "Run the step once eagerly before capturing so that the faster kernel is measured and chosen.",
+                stacklevel=2,
+            )
+            _warned_capture = True
+        return LinearPlan("cublas", None, "unmeasured during capture")
+    found = _measure(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, exhaustive=forced == "tune")
+    _PLANS[key] = found
+    return found
+
+
+def plans() -> dict[tuple, LinearPlan]:
+    """Every measured plan: ``{(device, dtype, N, K, m_bucket, bias, activation, residual, ln): plan}``."""
+    return dict(_PLANS)
+
+
+def clear_plans() -> None:
+    """Forget the measured plans (the next call of each shape measures again)."""
+    _PLANS.clear()
+
+
+#: Relative error (Frobenius) above which a Triton config is taken to disagree with cuBLAS. Loose
+#: enough for a TF32 cuBLAS (torch.backends.cuda.matmul.allow_tf32) and half-precision rounding; a
+#: wrong kernel is off by O(1).
+_SELF_CHECK_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+_MEASURE_REPS = 15
+
+
+def _measure(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, *, exhaustive=False) -> LinearPlan:
+    """Time cuBLAS against every candidate config on these tensors; check them against each other."""
+    device = x.device
+    M = x.numel() // x.shape[-1]
+    N, K = weight.shape
+    kwargs = dict(activation=activation, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps)
+    shape = (*x.shape[:-1], N)
+    ref = torch.empty(shape, dtype=x.dtype, device=device)
+    cublas_linear(x, weight, bias, out=ref, **kwargs)
+    candidates = {"cublas": lambda o: cublas_linear(x, weight, bias, out=o, **kwargs)}
+    scale = ref.float().norm().item()
+    configs = candidate_configs(M, N, K, device, exhaustive=exhaustive)
+    for cfg in configs:
+        got = torch.empty(shape, dtype=x.dtype, device=device)
+        try:
+            linear(x, weight, bias, out=got, config=cfg, **kwargs)  # compiles; allocates its workspace
+            torch.cuda.synchronize(device)
+        except Exception as exc:  # a config the compiler or the device rejects is skipped, not fatal
+            warnings.warn(f"kernels.linear: config {cfg} failed for N={N} K={K} M={M}: {exc!r}; skipped", stacklevel=3)
+            continue
+        err = (got.float() - ref.float()).norm().item() / max(scale, 1e-30)
+        if not err <= _SELF_CHECK_TOL[x.dtype]:  # also catches NaN
+            warnings.warn(
+                f"kernels.linear: config {cfg} disagrees with cuBLAS for N={N} K={K} M={M} "
+                f"(relative error {err:.2e}); not used",
+                stacklevel=3,
+            )
+            continue
+        candidates[str(cfg)] = lambda o, cfg=cfg: linear(x, weight, bias, out=o, config=cfg, **kwargs)
+    if len(candidates) == 1:
+        return LinearPlan("cublas", None, "no Triton config passed the self-check")
+
+    # Time with L2 flushed before each repetition: in a decode step each weight comes from HBM.
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20) or 50 * 2**20
+    flush = torch.empty(min(2 * l2, 256 * 2**20) // 4, dtype=torch.float32, device=device)
+    outs = {name: torch.empty(shape, dtype=x.dtype, device=device) for name in candidates}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    events = []
+    for _ in range(_MEASURE_REPS):
+        for name, fn in candidates.items():  # interleaved, so drift hits every candidate alike
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(outs[name])
+            end.record()
+            events.append((name, start, end))
+    torch.cuda.synchronize(device)
+    for name, start, end in events:
+        samples[name].append(start.elapsed_time(end) * 1e3)
+    del flush
+    times = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+    best = min(times, key=times.get)
+    summary = ", ".join(f"{n}: {t:.1f} us" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
+    if best == "cublas":
+        return LinearPlan("cublas", None, f"measured ({summary})", times)
+    cfg = next(c for c in configs if str(c) == best)
+    return LinearPlan("triton", cfg, f"measured ({summary})", times)
+

@@ -1,0 +1,137 @@
+"""The decode benchmark's and the profiler's pure-Python parts, on the CPU.
+
+The profiler runs end to end on a tiny model (its CPU configuration); the GPU-only pieces (the
+kernel attribution of a graph replay, the roofline, the plots of a GPU run, the target summary)
+are checked on synthetic data shaped like a GPU run's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import decode, plots, profile
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_profile_runs_on_a_tiny_model_and_writes_the_expected_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path))
+    result = profile.main(["--device", "cpu", "--dtype", "float32", "--prompt-len", "8"])
+    data = json.loads((tmp_path / "profile_cpu.json").read_text())
+    assert data == json.loads(json.dumps(result, default=str))
+    for key in ("device", "date", "commit", "versions", "rows", "summary"):
+        assert key in data
+    (row,) = data["rows"]
+    assert row["run"] == "fastgpt-torch" and row["path"] == "eager"
+    for key in ("kernels_per_token", "time_us_per_token", "gpu_idle_frac", "by_part", "by_op", "top_kernels"):
+        assert key in row
+    assert set(row["by_part"]) == set(profile.PARTS)
+    assert row["kernels_per_token"] > 10
+    # Every part of the step is found through the op ranges: 2 layers, each with attention.
+    for part in ("attention", "mlp", "layernorm", "lm_head", "sampling"):
+        assert row["by_part"][part]["kernels"] > 0, (part, row["by_part"])
+    assert row["by_op"]["attention"]["kernels"] >= 2
+    assert data["summary"] and data["summary"][0]["metric"].startswith("profile tiny b1")
+    # The ranges are gone after profiling: the hot path is untouched.
+    import fastgpt.backend as backend
+
+    assert not hasattr(backend.attention, "__wrapped__")
+
+
+def test_align_ops_and_idle_share_on_a_synthetic_graph_trace():
+    pairs = [("gemv", "qkv"), ("attn", "attention"), ("gemv", "attn_proj"), ("sample", "sample")]
+    reference = [dict(name=n, op=o) for n, o in pairs]
+
+    def kern(name, start, end):
+        return dict(name=name, start=start, end=end, op=None)
+
+    # Two replays; the graph adds a token copy at the end of each step.
+    names = ["gemv", "attn", "gemv", "sample", "copy"] * 2
+    kernels, t = [], 0.0
+    for name in names:
+        kernels.append(kern(name, t, t + 2.0))
+        t += 2.5  # 0.5 us gap after every kernel
+    profile.align_ops(kernels, reference)
+    assert [k["op"] for k in kernels] == ["qkv", "attention", "attn_proj", "sample", None] * 2
+    s = profile.summarise(kernels, n_steps=2, wall_us=12.5)
+    assert s["kernels_per_token"] == 5
+    assert s["time_us_per_token"] == pytest.approx(10.0)
+    assert s["gpu_idle_frac"] == pytest.approx(0.2)
+    assert s["gpu_idle_frac_trace"] == pytest.approx(1 - 20.0 / 24.5)
+    assert s["by_part"]["attention"] == dict(us=6.0, kernels=3.0)
+    assert s["by_part"]["sampling"] == dict(us=2.0, kernels=1.0)
+    assert s["by_part"]["other"]["kernels"] == 1.0  # the copy, classified by name
+
+
+def synthetic_gpu_result():
+    rows = []
+    for model, weights in (("gpt2", 250e6), ("gpt2-xl", 3.1e9)):
+        for batch in (1, 8, 64):
+            for engine, speed in (("hf-eager", 1.0), ("hf-static", 4.0), ("fastgpt", 60.0)):
+                for prompt, new in ((128, 256), (16, 10)):
+                    tps = 70 * speed * batch
+                    rows.append(
+                        dict(engine=engine, model=model, dtype="float16", batch=batch, prompt_len=prompt, new_tokens=new,
+                             tokens_per_s=tps, ms_per_token=1e3 * batch / tps, step_bytes=weights + batch * 1e6,
+                             roofline_frac=0.5 if engine == "fastgpt" else 0.01, greedy_match=engine != "hf-static",
+                             match_prefix_min=7, divergence_near_tie=True,
+                             speedup_vs_hf_eager=speed, speedup_vs_hf_static=speed / 4.0,
+                             graph=dict(first_call=dict(path="graph", captured=True), warm=dict(path="graph")))
+                    )  # fmt: skip
+    rows.append(dict(engine="hf-static-compiled", model="gpt2", batch=1, prompt_len=128, new_tokens=256, error="RuntimeError: x"))
+    return dict(device="NVIDIA H100", commit="abc", copy_bandwidth_gbs=3000.0, rows=rows)
+
+
+def test_plots_of_a_gpu_shaped_result(tmp_path):
+    pytest.importorskip("matplotlib")
+    written = plots.plot_decode(synthetic_gpu_result(), tmp_path, prefix="decode")
+    assert [p.name for p in written] == ["decode_tokens_per_s.png", "decode_ms_per_token.png"]
+    for p in written:
+        assert p.stat().st_size > 10_000
+
+
+def test_target_summary_reads_the_target_rows():
+    result = synthetic_gpu_result()
+    summary = {s["metric"]: s for s in decode.target_summary(result["rows"])}
+    b1 = summary["decode gpt2 b1 tokens/s"]
+    assert b1["value"] == pytest.approx(70 * 60) and b1["met"] is False  # 4200 < 5000
+    assert summary["decode gpt2 b1 roofline"]["met"] is True
+    assert summary["decode gpt2 b1 speed-up vs hf_eager"]["met"] is False  # 60 < 70
+    assert summary["decode gpt2 b1 speed-up vs hf_static"]["met"] is True  # 15
+    assert summary["decode gpt2-xl b1 roofline"]["met"] is False  # 0.5 < 0.8
+    assert summary["decode gpt2 b64 speed-up vs hf_eager"]["met"] is True
+    assert summary["decode gpt2 b1 greedy vs HF eager"]["value"] == "identical"
+    for s in summary.values():
+        assert set(s) == {"metric", "value", "target", "met"}
+
+
+def test_compare_greedy_reports_the_first_divergence():
+    from tests.models import pair
+
+    _, model = pair("tiny-503")
+    ids = torch.randint(0, 503, (2, 4))
+    ref = model.generate(ids, 8)
+    assert decode.compare_greedy(ref.clone(), ref, 4, model) == dict(greedy_match=True, match_prefix_min=8)
+    out = ref.clone()
+    out[1, 4 + 5] = (out[1, 4 + 5] + 1) % 503
+    result = decode.compare_greedy(out, ref, 4, model)
+    assert result["greedy_match"] is False and result["match_prefix_min"] == 5
+    assert result["divergence_gap"] > 0 and isinstance(result["divergence_near_tie"], bool)
+
+
+def test_step_bytes_counts_weights_once_and_the_live_kv():
+    from fastgpt import GPT, GPTConfig
+
+    model = GPT.from_config(GPTConfig(vocab_size=100, n_positions=32, n_embd=16, n_head=2, n_layer=3))
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    expected = weights - 32 * 16 * 4 + 2 * 16 * 4 + 2 * 3 * 2 * 10.0 * 16 * 4
+    assert decode.step_bytes(model, batch=2, context=10.0) == pytest.approx(expected)

@@ -1,0 +1,238 @@
+"""add + LayerNorm (kernels/layernorm.py) against fastgpt.reference.add_layernorm in float64.
+
+Outputs are poisoned with NaN before each launch. The residual sum ``s`` must equal PyTorch's
+``x + residual`` bit for bit (both round the float32 sum to the dtype once); the Triton 3.6
+interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest, so on the CPU a
+bfloat16 ``s`` may differ from PyTorch's by one unit in the last place (exact on CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgpt import reference
+from kernels import layernorm as LN
+from kernels.utils import H100_SHARED_MEMORY_BYTES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+#: max |h - ref| relative to max |ref|: the output's rounding to the dtype (fp32: reduction noise).
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+class LaunchCounter:
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def ln_launches(monkeypatch):
+    counter = LaunchCounter(LN._add_layernorm_kernel)
+    monkeypatch.setattr(LN, "_add_layernorm_kernel", counter)
+    return counter
+
+
+def make(shape, dtype, device=DEVICE):
+    C = shape[-1]
+    x = (torch.randn(shape) * 2 + 0.7).to(dtype=dtype, device=device)  # a non-zero mean
+    r = torch.randn(shape).to(dtype=dtype, device=device)
+    w = (1 + 0.3 * torch.randn(C)).to(dtype=dtype, device=device)
+    b = (0.3 * torch.randn(C)).to(dtype=dtype, device=device)
+    return x, r, w, b
+
+
+def nan_like(t):
+    return torch.full_like(t, float("nan"))
+
+
+def check_h(h, s, w, b, eps, dtype, what=""):
+    """``h`` against the float64 LayerNorm of the kernel's own ``s`` (the sum is checked apart)."""
+    ref, _ = reference.add_layernorm(s.double(), w.double(), b.double(), eps)
+    assert torch.isfinite(h).all(), f"{what}: unwritten (NaN) outputs"
+    err = (h.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= TOL[dtype] * max(scale, 1e-3), f"{what}: max error {err:.3g}, max |ref| {scale:.3g}"
+
+
+def check_sum(s, x, r, dtype):
+    expected = x + r
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        ulp = torch.finfo(torch.bfloat16).eps * expected.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+        assert ((s.float() - expected.float()).abs() <= ulp).all()
+    else:
+        assert torch.equal(s, expected)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["ln", "add+ln"])
+@pytest.mark.parametrize("shape", [(1, 50), (7, 77), (2, 3, 64)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_reference(dtype, shape, residual, ln_launches):
+    x, r, w, b = make(shape, dtype)
+    out, s_out = nan_like(x), nan_like(x)
+    if residual:
+        h, s = LN.add_layernorm(x, w, b, 1e-5, residual=r, out=out, residual_out=s_out)
+        assert s is s_out
+        check_sum(s, x, r, dtype)
+    else:
+        h, s = LN.add_layernorm(x, w, b, 1e-5, out=out)
+        assert s is x and torch.isnan(s_out).all()
+    assert h is out and ln_launches.launches == 1
+    check_h(h, s, w, b, 1e-5, dtype, f"{dtype} {shape}")
+
+
+def test_strided_rows_in_place_and_eps(ln_launches):
+    """Rows of x[:, -1] (stride T*C), s written in place into x, a large eps."""
+    B, T, C = 3, 5, 40
+    base, r, w, b = make((B, T, C), torch.float32)
+    x = base[:, -1]  # (B, C), row stride T*C
+    x_before = x.clone()
+    h, s = LN.add_layernorm(x, w, b, 0.5, residual=r[:, 0], residual_out=x)
+    assert s.data_ptr() == x.data_ptr()
+    assert torch.equal(base[:, -1], x_before + r[:, 0]), "the sum landed in x's own rows"
+    assert torch.equal(base[:, :-1], base[:, :-1]), "other rows untouched"
+    check_h(h, s, w, b, 0.5, torch.float32, "strided, in place")
+    assert ln_launches.launches == 1
+
+
+def test_other_rows_untouched():
+    x, r, w, b = make((6, 33), torch.float16)
+    big_out = torch.full((6, 2, 33), 7.0, dtype=torch.float16, device=DEVICE)
+    h, _ = LN.add_layernorm(x, w, b, out=big_out[:, 0])
+    assert (big_out[:, 1] == 7.0).all()
+    check_h(h, x, w, b, 1e-5, torch.float16, "strided out")
+
+
+def test_matches_torch_layer_norm_module():
+    """Same numbers as nn.LayerNorm in float32 (the model's PyTorch path)."""
+    x, _, w, b = make((5, 96), torch.float32)
+    ln = torch.nn.LayerNorm(96, eps=1e-5).to(DEVICE)
+    with torch.no_grad():
+        ln.weight.copy_(w)
+        ln.bias.copy_(b)
+        expected = ln(x)
+    h, _ = LN.add_layernorm(x, ln.weight.detach(), ln.bias.detach(), ln.eps)
+    assert (h - expected).abs().max().item() < 1e-5
+
+
+def _bad_calls():
+    x = torch.randn(4, 8)
+    w, b = torch.ones(8), torch.zeros(8)
+    cases = [
+        (dict(x=x.double(), weight=w.double(), bias=b.double()), TypeError, "x must have dtype"),
+        (dict(weight=w.half()), TypeError, "weight must have dtype"),
+        (dict(weight=torch.ones(7)), ValueError, "weight must be a contiguous \\(8,\\)"),
+        (dict(bias=torch.zeros(16)[::2]), ValueError, "bias must be a contiguous \\(8,\\)"),
+        (dict(weight=torch.ones(1, 8)), ValueError, "weight must have 1 dimensions"),
+        (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
+        (dict(eps=float("nan")), ValueError, "eps must be a finite number > 0"),
+        (dict(residual=torch.randn(4, 9)), ValueError, "residual must have x's shape"),
+        (dict(residual=torch.randn(4, 8).half()), TypeError, "residual must have dtype"),
+        (dict(residual_out=torch.empty(4, 8)), ValueError, "only written when residual is given"),
+        (dict(residual=torch.randn(4, 8), residual_out=torch.empty(4, 7)), ValueError, "residual_out must have"),
+        (dict(out=torch.empty(4, 7)), ValueError, "out must have x's shape"),
+        (dict(out=torch.empty(1, 8).expand(4, 8)), ValueError, "out's rows overlap"),
+        (dict(x=torch.randn(4, 16)[:, ::2]), ValueError, "contiguous in its last dimension"),
+        (dict(x=torch.randn(3, 4, 8).transpose(0, 1)), ValueError, "cannot be viewed as rows"),
+        (dict(x=torch.randn(2, LN.MAX_C + 1), weight=torch.ones(LN.MAX_C + 1), bias=torch.zeros(LN.MAX_C + 1)), ValueError, "1 <= C <= 16384"),
+        (dict(x=torch.randn(4, 0), weight=torch.ones(0), bias=torch.zeros(0)), ValueError, "non-empty last dimension"),
+        (dict(x=torch.tensor(1.0)), ValueError, "non-empty last dimension"),
+        (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    ]
+    base = dict(x=x, weight=w, bias=b)
+    return [pytest.param(dict(base, **over), exc, msg, id=msg[:40]) for over, exc, msg in cases]
+
+
+@pytest.mark.parametrize("kwargs, exc, message", _bad_calls())
+def test_bad_inputs_raise_before_launch(kwargs, exc, message, ln_launches):
+    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    with pytest.raises(exc, match=message):
+        LN.add_layernorm(**kwargs)
+    assert ln_launches.launches == 0
+
+
+def test_overlapping_outputs_are_refused(ln_launches):
+    x, r, w, b = make((4, 16), torch.float32)
+    buf = torch.empty(4, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap residual_out"):
+        LN.add_layernorm(x, w, b, residual=r, out=buf[:, :16], residual_out=buf[:, :16])
+    flat = torch.randn(80, device=DEVICE)
+    x_view, shifted = flat[:64].view(4, 16), flat[8:72].view(4, 16)  # rows shifted by half a row
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        LN.add_layernorm(x_view, w, b, out=shifted)
+    assert ln_launches.launches == 0
+    # Exact aliasing is in place and allowed: h overwrites x row by row.
+    x2 = x.clone()
+    h, _ = LN.add_layernorm(x2, w, b, out=x2)
+    check_h(h, x, w, b, 1e-5, torch.float32, "out is x")
+
+
+def test_residual_on_another_device_is_refused():
+    if DEVICE != "cpu":
+        pytest.skip("the CPU case: a meta tensor stands for another device")
+    x, r, w, b = make((2, 8), torch.float32)
+    with pytest.raises(ValueError, match="residual must be on cpu"):
+        LN.add_layernorm(x, w, b, residual=torch.empty(2, 8, device="meta"))
+
+
+# --------------------------------------------------------------------------------------------
+# sm_90 compile check (subprocess without TRITON_INTERPRET)
+# --------------------------------------------------------------------------------------------
+def _compile_worker() -> None:
+    from kernels.utils import compile_for_hopper
+
+    kernel = LN._add_layernorm_kernel
+    results = []
+    for dt, block_c, residual in json.loads(sys.stdin.read()):
+        constexprs = dict(HAS_RESIDUAL=residual, BLOCK_C=block_c)
+        signature = {
+            n: ("constexpr" if n in constexprs else "*" + dt if n.endswith("_ptr") else "fp32" if n == "eps" else "i32")
+            for n in kernel.arg_names
+        }
+        compiled = compile_for_hopper(kernel, signature, constexprs, LN.layernorm_num_warps(block_c), 1)
+        results.append(dict(spec=[dt, block_c, residual], shared=compiled.metadata.shared))
+    print(json.dumps(results))
+
+
+def test_kernel_compiles_for_sm90():
+    """GPT-2's widths (1024 and 2048 slots), the smallest and the largest row, each dtype."""
+    specs = [["fp16", 1024, True], ["bf16", 2048, True], ["fp32", 64, False], ["fp32", LN.MAX_C, True]]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-c", "from tests.test_layernorm import _compile_worker; _compile_worker()"],
+        input=json.dumps(specs), cwd=REPO_ROOT, env=env, text=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["spec"] for r in results] == specs
+    for r in results:
+        assert r["shared"] <= H100_SHARED_MEMORY_BYTES, r
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA
+# --------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 64, 1000])
+@pytest.mark.parametrize("C", [768, 1024, 1280, 1600])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpt2_widths_cuda(dtype, C, M):
+    x, r, w, b = make((M, C), dtype)
+    out, s_out = nan_like(x), nan_like(x)
+    h, s = LN.add_layernorm(x, w, b, 1e-5, residual=r, out=out, residual_out=s_out)
+    torch.cuda.synchronize()
+    assert torch.equal(s, x + r), "the GPU rounds the sum to nearest, like PyTorch"
+    check_h(h, s, w, b, 1e-5, dtype, f"{dtype} C={C} M={M}")
+    h2, _ = LN.add_layernorm(x, w, b, 1e-5, out=nan_like(x))
+    check_h(h2, x, w, b, 1e-5, dtype, f"{dtype} C={C} M={M}, no residual")

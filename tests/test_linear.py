@@ -1,0 +1,758 @@
+"""The fused GEMV (kernels/linear.py), its per-shape plan, and the model wired through it.
+
+Kernel results are compared with :func:`fastgpt.reference.linear` evaluated in float64 on fresh
+random inputs, outputs (and split-K partials) poisoned with NaN before each launch. On the CPU the
+kernels run in the Triton interpreter on small shapes; ``cuda`` tests run GPT-2's shapes, every
+candidate config, the measured plan, CUDA-graph replay and the kernel count of a decode step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fastgpt.backend as backend
+from fastgpt import GPT, GPTConfig, kernels_report, reference, reset_kernels_report
+from kernels import linear as KL
+from kernels.utils import H100_SHARED_MEMORY_BYTES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+#: max |out - ref| allowed, relative to max |ref|. fp16/bf16: the output's rounding (2^-11, 2^-8
+#: relative; the interpreter truncates to bf16 instead of rounding) plus the LayerNorm output
+#: rounded to the dtype before the product; fp32: accumulation-order noise only.
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+class LaunchCounter:
+    """Stands in for a @triton.jit kernel in its module and counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def gemv_launches(monkeypatch):
+    counter = LaunchCounter(KL._gemv_kernel)
+    monkeypatch.setattr(KL, "_gemv_kernel", counter)
+    return counter
+
+
+def make_inputs(M, N, K, dtype, *, bias=True, residual=True, ln=True, lead=None, device=DEVICE, seed=None):
+    """Random operands of a linear op; ``lead`` replaces ``(M,)`` as x's leading shape."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    lead = (M,) if lead is None else lead
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(dtype=dtype, device=device)
+
+    return dict(
+        x=rnd(*lead, K, scale=2.0, shift=0.5),  # a non-zero mean, as residual streams have
+        weight=rnd(N, K, scale=K**-0.5),
+        bias=rnd(N, scale=0.5) if bias else None,
+        residual=rnd(*lead, N) if residual else None,
+        ln_weight=rnd(K, scale=0.2, shift=1.0) if ln else None,
+        ln_bias=rnd(K, scale=0.2) if ln else None,
+    )
+
+
+def reference64(inp, activation, ln_eps=1e-5):
+    d = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    return reference.linear(
+        d["x"], d["weight"], d["bias"], activation=activation, residual=d["residual"],
+        ln_weight=d["ln_weight"], ln_bias=d["ln_bias"], ln_eps=ln_eps,
+    )  # fmt: skip
+
+
+def assert_close(got, ref, dtype, what=""):
+    assert got.shape == ref.shape, what
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten outputs?)"
+    scale = ref.abs().max().item()
+    err = (got.double() - ref).abs().max().item()
+    assert err <= TOL[dtype] * max(scale, 1e-3), f"{what}: max error {err:.3g} vs max |ref| {scale:.3g}"
+
+
+def poisoned(shape, dtype, device=DEVICE):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def run_gemv(inp, activation, config=None, out=None):
+    N = inp["weight"].shape[0]
+    if out is None:
+        out = poisoned((*inp["x"].shape[:-1], N), inp["x"].dtype, inp["x"].device)
+    return KL.linear(**inp, activation=activation, out=out, config=config)
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel (interpreter on the CPU; the same tests run compiled on a GPU)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("M", [1, 2, 7, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_features_match_float64_reference(dtype, M, gemv_launches):
+    inp = make_inputs(M, 50, 77, dtype)
+    out = run_gemv(inp, "gelu_tanh")
+    assert gemv_launches.launches == 1
+    assert_close(out, reference64(inp, "gelu_tanh"), dtype, f"{dtype} M={M}")
+
+
+EPILOGUES = {
+    "plain": dict(bias=False, residual=False, ln=False, activation=None),
+    "bias": dict(bias=True, residual=False, ln=False, activation=None),
+    "bias+gelu_tanh": dict(bias=True, residual=False, ln=False, activation="gelu_tanh"),
+    "bias+gelu_erf": dict(bias=True, residual=False, ln=False, activation="gelu"),
+    "bias+residual": dict(bias=True, residual=True, ln=False, activation=None),
+    "ln+bias": dict(bias=True, residual=False, ln=True, activation=None),
+    "ln+bias+gelu_tanh": dict(bias=True, residual=False, ln=True, activation="gelu_tanh"),
+    "ln_only": dict(bias=False, residual=False, ln=True, activation=None),  # ln_f + LM head
+}
+
+
+#: On a GPU every combination is a compile (~1 s): there the model's combinations are covered by
+#: test_gpt2_shapes_fp16_cuda, and this test keeps the two the model does not use.
+_EPILOGUE_CASES = (
+    [(e, d, m) for e in EPILOGUES for d in (torch.float32, torch.float16) for m in (1, 7)]
+    if DEVICE == "cpu"
+    else [(e, torch.float16, m) for e in ("plain", "bias+gelu_erf") for m in (1, 7)]
+)
+
+
+@pytest.mark.parametrize("epilogue, dtype, M", _EPILOGUE_CASES, ids=str)
+def test_each_epilogue(epilogue, dtype, M, gemv_launches):
+    spec = dict(EPILOGUES[epilogue])
+    activation = spec.pop("activation")
+    inp = make_inputs(M, 33, 70, dtype, **spec)
+    out = run_gemv(inp, activation)
+    assert gemv_launches.launches == 1
+    assert_close(out, reference64(inp, activation), dtype, epilogue)
+
+
+def test_m1_layernorm_statistics_in_chunks(monkeypatch):
+    """M == 1 rows wider than LN_ROW_MAX take the chunked two-pass statistics (as M > 1 does)."""
+    monkeypatch.setattr(KL, "LN_ROW_MAX", 32)
+    assert KL._ln_row(True, 1, 77) == 0 and KL._ln_row(True, 1, 20) == 32
+    inp = make_inputs(1, 30, 77, torch.float32)
+    out = run_gemv(inp, "gelu_tanh", KL.GemvConfig(16, 32, 4, 1, 1))
+    assert_close(out, reference64(inp, "gelu_tanh"), torch.float32, "chunked LN statistics")
+
+
+@pytest.mark.parametrize("M, K, split", [(1, 150, 3), (5, 200, 4)])
+def test_split_k_sums_partials_and_resets_counters(M, K, split, gemv_launches):
+    N = 40
+    cfg = KL.GemvConfig(16, 64, 4, 1, split)  # K / 64 chunks -> `split` splits of one chunk
+    n_split, k_per_split = KL._effective_split(K, cfg.block_k, cfg.split_k)
+    assert n_split == split and n_split * k_per_split >= K
+    partials, counters = KL.workspace_for(M, N, cfg, K, DEVICE)
+    partials.fill_(float("nan"))  # every partial read must have been written by this launch
+    assert int(counters.abs().sum()) == 0
+    inp = make_inputs(M, N, K, torch.float32)
+    first = run_gemv(inp, "gelu_tanh", cfg)
+    assert int(counters.abs().sum()) == 0, "the finishing split must reset its tile counter"
+    assert_close(first, reference64(inp, "gelu_tanh"), torch.float32, "split-K")
+    # The same workspace again: a second launch (as a graph replay would) gives the same bits.
+    inp2 = dict(inp, x=inp["x"] * -0.5)
+    second = run_gemv(inp2, "gelu_tanh", cfg)
+    assert_close(second, reference64(inp2, "gelu_tanh"), torch.float32, "split-K, second launch")
+    again = run_gemv(inp, "gelu_tanh", cfg)
+    assert torch.equal(again, first), "split-K must be deterministic (partials summed in split order)"
+    assert gemv_launches.launches == 3
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU: test_every_candidate_config_cuda (GPT-2 shapes)")
+@pytest.mark.parametrize(
+    "M, tile", [(1, t) for t in KL.M1_TILES] + [(3, t) for t in KL.DOT_TILES], ids=lambda v: str(v)
+)
+def test_every_candidate_tile(M, tile):
+    """Each tile the measurement may pick, with and without split-K (K spans several chunks)."""
+    bn, bk, warps, stages = tile
+    N, K = 2 * bn + 3, 2 * bk + 5  # a partial last column tile and K chunk
+    inp = make_inputs(M, N, K, torch.float32, seed=bn * bk)
+    for split in (1, 3):
+        out = run_gemv(inp, "gelu_tanh", KL.GemvConfig(bn, bk, warps, stages, split))
+        assert_close(out, reference64(inp, "gelu_tanh"), torch.float32, f"tile {tile} split {split}")
+
+
+def test_strided_rows_leading_dims_and_in_place_residual():
+    B, T, K, N = 3, 4, 40, 24
+    inp = make_inputs(B, N, K, torch.float16, lead=(B, T))
+    # x[:, -1:] of a (B, T, K) tensor: (B, 1, K) rows with stride T*K (the model's last_only).
+    x_last = inp["x"][:, -1:]
+    resid_full = torch.randn(B, 2, N, dtype=torch.float16, device=DEVICE)
+    resid = resid_full[:, 1:]  # (B, 1, N) with row stride 2N
+    sub = dict(inp, x=x_last, residual=resid)
+    expected = reference64(sub, None)
+    out = KL.linear(**sub)  # allocated output
+    assert out.shape == (B, 1, N)
+    assert_close(out, expected, torch.float16, "strided rows")
+    # In place into the residual (the model's x = x + proj): same result, same storage.
+    ptr = resid.data_ptr()
+    got = KL.linear(**sub, out=resid)
+    assert got.data_ptr() == ptr
+    assert_close(resid, expected, torch.float16, "in place")
+    # (B, T, K) leading dims, M = B*T = 12.
+    out = KL.linear(**inp, activation="gelu")
+    assert_close(out, reference64(inp, "gelu"), torch.float16, "leading dims")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy exp
+def test_gelu_tanh_saturates_without_nan():
+    """Large |y|: exp overflow in the tanh form must give y or 0, never NaN."""
+    K, N = 8, 6
+    x = torch.ones(1, K, device=DEVICE)
+    w = torch.tensor([[s * v] * K for s, v in [(1, 1e3), (-1, 1e3), (1, 1e-4), (-1, 1e-4), (1, 30), (-1, 30)]], device=DEVICE)
+    out = KL.linear(x, w, activation="gelu_tanh")
+    ref = reference.linear(x.double(), w.double(), activation="gelu_tanh")
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-9)
+
+
+def _bad_calls():
+    x, w = torch.randn(2, 8), torch.randn(5, 8)
+    cases = [
+        (dict(x=torch.randn(17, 8)), ValueError, "1 <= M <= 16"),
+        (dict(x=x.half()), TypeError, "weight must have dtype"),
+        (dict(x=x.double(), weight=w.double()), TypeError, "x must have dtype"),
+        (dict(x=x.int()), TypeError, "x must have dtype"),
+        (dict(weight=torch.randn(5, 9)), ValueError, "weight must be \\(N, K=8\\)"),
+        (dict(weight=torch.randn(8, 5).t()), ValueError, "contiguous along K"),
+        (dict(bias=torch.randn(4)), ValueError, "bias must be a contiguous \\(5,\\)"),
+        (dict(residual=torch.randn(2, 4)), ValueError, "residual must have shape \\(2, 5\\)"),
+        (dict(activation="relu"), ValueError, "activation must be one of"),
+        (dict(ln_weight=torch.ones(8)), ValueError, "given together"),
+        (dict(ln_weight=torch.ones(7), ln_bias=torch.zeros(7)), ValueError, "ln_weight must be a contiguous \\(8,\\)"),
+        (dict(ln_weight=torch.ones(8), ln_bias=torch.zeros(8), ln_eps=0.0), ValueError, "ln_eps must be"),
+        (dict(out=torch.empty(2, 4)), ValueError, "out must have shape \\(2, 5\\)"),
+        (dict(out=torch.empty(1, 5).expand(2, 5)), ValueError, "out's rows overlap"),
+        (dict(x=torch.randn(2, 16)[:, ::2]), ValueError, "x must be contiguous in its last dimension"),
+        (dict(x=torch.randn(4, 3, 8).transpose(0, 1)), ValueError, "cannot be viewed as rows"),
+        (dict(config=KL.GemvConfig(24, 64, 4, 1)), ValueError, "config.block_n must be a power of two"),
+        (dict(config=KL.GemvConfig(8, 64, 4, 1)), ValueError, "tl.dot"),
+        (dict(config=KL.GemvConfig(16, 64, 3, 1)), ValueError, "num_warps"),
+        (dict(config=KL.GemvConfig(16, 64, 4, 1, 0)), ValueError, "split_k"),
+        (dict(config=(16, 64, 4, 1)), TypeError, "GemvConfig"),
+        (dict(x="x"), TypeError, "x must be a torch.Tensor"),
+    ]
+    base = dict(x=x, weight=w)
+    return [pytest.param(dict(base, **over), exc, msg, id=msg[:40]) for over, exc, msg in cases]
+
+
+@pytest.mark.parametrize("kwargs, exc, message", _bad_calls())
+def test_bad_inputs_raise_before_launch(kwargs, exc, message, gemv_launches):
+    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    with pytest.raises(exc, match=message):
+        KL.linear(**kwargs)
+    assert gemv_launches.launches == 0
+
+
+def test_out_must_not_overlap_inputs(gemv_launches):
+    buf = torch.randn(2, 16, device=DEVICE)
+    x, w = buf[:, :8], torch.randn(8, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        KL.linear(x, w, out=buf[:, 8:])  # rows interleaved with x's: refused (conservative check)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        KL.linear(x, w, out=x)
+    assert gemv_launches.launches == 0
+
+
+def test_cpu_without_interpreter_is_rejected(monkeypatch):
+    monkeypatch.setattr(KL, "triton_usable_on", lambda device: False)
+    with pytest.raises(ValueError, match="runs a Triton kernel"):
+        KL.linear(torch.randn(1, 8), torch.randn(4, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# configs, buckets, the plan, the cuBLAS side
+# --------------------------------------------------------------------------------------------
+def test_buckets_and_split_heuristic():
+    assert [KL.m_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 2, 4, 4, 8, 8, 16, 16, 17]
+    assert backend.GEMV_MAX_M == KL.GEMV_MAX_M
+    for K, bk, split in [(768, 256, 1), (768, 256, 3), (768, 256, 5), (3072, 128, 32), (77, 512, 4)]:
+        n_split, per = KL._effective_split(K, bk, split)
+        assert per % bk == 0 and 1 <= n_split <= max(1, split)
+        assert (n_split - 1) * per < K <= n_split * per, "no empty split, all of K covered"
+    # 768 -> 768 at M=1 on a 132-SM GPU needs split-K to fill the machine.
+    assert KL._split_for(768, 3072, 16, 256, 132) > 1
+    assert KL._split_for(50257, 768, 16, 256, 132) == 1
+
+
+def test_candidate_configs_cover_every_tile_and_are_unique():
+    for M, tiles in ((1, KL.M1_TILES), (8, KL.DOT_TILES)):
+        every = KL.candidate_configs(M, 2304, 768, DEVICE, exhaustive=True)
+        assert len(every) == len(set(every))
+        assert {(c.block_n, c.block_k, c.num_warps, c.num_stages) for c in every} == set(tiles)
+        auto = KL.candidate_configs(M, 2304, 768, DEVICE)
+        assert len(auto) == KL.AUTO_TILES and set(auto) <= set(every)
+        assert KL.default_config(M, 2304, 768, DEVICE) == auto[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU plan; CUDA measures (see test_plan_measures_cuda)")
+def test_plan_on_cpu_uses_the_kernel_for_small_m_and_cublas_for_prefill(monkeypatch):
+    monkeypatch.delenv("FASTGPT_LINEAR", raising=False)
+    inp = make_inputs(4, 20, 30, torch.float32)
+    p = KL.plan(inp["x"], inp["weight"], inp["bias"])
+    assert p.impl == "triton" and p.config == KL.default_config(4, 20, 30, "cpu")
+    big = torch.randn(17, 30)
+    assert KL.plan(big, inp["weight"]).impl == "cublas"
+    monkeypatch.setenv("FASTGPT_LINEAR", "cublas")
+    assert KL.plan(inp["x"], inp["weight"]).impl == "cublas"
+    monkeypatch.setenv("FASTGPT_LINEAR", "tune")
+    assert KL.plan(inp["x"], inp["weight"]).impl == "triton"  # the CPU has nothing to measure
+    monkeypatch.setenv("FASTGPT_LINEAR", "fastest")
+    with pytest.raises(ValueError, match="FASTGPT_LINEAR must be one of"):
+        KL.plan(inp["x"], inp["weight"])
+
+
+class _FakeEvent:
+    """torch.cuda.Event on the CPU: wall-clock stamps (enough to drive KL._measure's logic)."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the GPU-only measurement on the CPU")
+def test_measurement_times_candidates_and_discards_a_wrong_config(monkeypatch):
+    """KL._measure (normally CUDA only) with CPU stand-ins for events and device properties: every
+    candidate is timed, a config whose output disagrees with cuBLAS is dropped with a warning."""
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(L2_cache_size=1 << 16))
+    monkeypatch.setattr(KL, "_MEASURE_REPS", 2)
+    inp = make_inputs(1, 20, 48, torch.float32)
+    cands = KL.candidate_configs(1, 20, 48, "cpu")
+    broken = cands[0]
+    real_linear = KL.linear
+
+    def sometimes_wrong(*args, config=None, **kwargs):
+        out = real_linear(*args, config=config, **kwargs)
+        return out.mul_(1.5) if config == broken else out
+
+    monkeypatch.setattr(KL, "linear", sometimes_wrong)
+    with pytest.warns(UserWarning, match="disagrees with cuBLAS"):
+        p = KL._measure(inp["x"], inp["weight"], inp["bias"], "gelu_tanh", inp["residual"], inp["ln_weight"], inp["ln_bias"], 1e-5)
+    assert p.reason.startswith("measured")
+    assert set(p.times_us) == {"cublas"} | {str(c) for c in cands[1:]}
+    assert p.impl == ("cublas" if min(p.times_us, key=p.times_us.get) == "cublas" else "triton")
+    # Every Triton config wrong: cuBLAS, and it says why.
+    monkeypatch.setattr(KL, "linear", lambda *a, config=None, **k: real_linear(*a, config=config, **k).mul_(-1))
+    with pytest.warns(UserWarning):
+        p = KL._measure(inp["x"], inp["weight"], None, None, None, None, None, 1e-5)
+    assert p.impl == "cublas" and "no Triton config" in p.reason
+
+
+@pytest.mark.parametrize("M", [3, 20])
+def test_cublas_linear_matches_reference(M):
+    inp = make_inputs(M, 24, 40, torch.float32)
+    out = poisoned((M, 24), torch.float32)
+    KL.cublas_linear(**inp, activation="gelu_tanh", out=out)
+    assert_close(out, reference64(inp, "gelu_tanh"), torch.float32, "cublas_linear")
+    with pytest.raises(ValueError, match="out must not be the residual"):
+        KL.cublas_linear(**inp, out=inp["residual"])
+
+
+# --------------------------------------------------------------------------------------------
+# the backend dispatch and the model
+# --------------------------------------------------------------------------------------------
+class _Lin:
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+
+class _LN:
+    def __init__(self, weight, bias, eps=1e-5):
+        self.weight, self.bias, self.eps = weight, bias, eps
+
+
+@pytest.mark.parametrize("M", [2, 20])  # the GEMV, and the cuBLAS (prefill) path
+def test_backend_ops_match_the_torch_backend(M, monkeypatch):
+    monkeypatch.setenv("FASTGPT_LINEAR", "triton")  # the kernel, not a per-shape measurement, on GPUs
+    inp = make_inputs(M, 24, 40, torch.float32)
+    layer, ln = _Lin(inp["weight"], inp["bias"]), _LN(inp["ln_weight"], inp["ln_bias"])
+    x, delta = inp["x"], torch.randn_like(inp["x"])
+    resid = inp["residual"]
+    phase = "gemv" if M <= 16 else "gemm"
+    impl = "triton" if M <= 16 else "cublas"
+
+    reset_kernels_report()
+    y_t, s_t = backend.ln_linear(x, delta, ln, layer, "triton", activation="gelu_tanh", op="fc")
+    y_r, s_r = backend.ln_linear(x, delta, ln, layer, "torch", activation="gelu_tanh", op="fc_ref")
+    assert kernels_report()[f"linear.fc.{phase}"] == impl
+    assert kernels_report()[f"linear.fc_ref.{phase}"] == "torch"
+    assert torch.allclose(y_t, y_r, atol=1e-5) and torch.allclose(s_t, s_r, atol=1e-6)
+
+    y = torch.randn(*x.shape[:-1], 40, device=DEVICE)  # (M, 40): the projection's input
+    proj = _Lin(torch.randn(24, 40, device=DEVICE) * 0.1, torch.randn(24, device=DEVICE))
+    x_t, d_t = backend.residual_linear(y, proj, resid, "triton", op="proj")
+    x_r, d_r = backend.residual_linear(y, proj, resid, "torch", op="proj_ref")
+    assert (d_t is None) == (M <= 16), "the GEMV adds the residual; cuBLAS defers it"
+    total_t = x_t if d_t is None else x_t + d_t
+    assert torch.allclose(total_t, x_r + d_r, atol=1e-5)
+
+    out_t = backend.linear(x, layer, "triton", activation="gelu", residual=resid, ln=ln, op="any")
+    out_r = backend.linear(x, layer, "torch", activation="gelu", residual=resid, ln=ln, op="any_ref")
+    assert torch.allclose(out_t, out_r, atol=1e-5)
+    assert kernels_report()[f"linear.any.{phase}"] == impl
+
+
+def _tiny_model(n_layer=2, seed=0, n_embd=128, vocab=301, dtype=torch.float32):
+    """head_dim 64 with n_embd 128 (what the Triton attention takes), odd vocab, non-zero biases."""
+    cfg = GPTConfig(vocab_size=vocab, n_positions=64, n_embd=n_embd, n_head=2, n_layer=n_layer)
+    model = GPT.from_config(cfg, seed=seed, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            elif "ln_" in name:
+                p.uniform_(0.8, 1.2)
+    return model
+
+
+def _run_steps(model, ids, n_decode, backend_name, monkeypatch, attention_on_torch):
+    with monkeypatch.context() as mp:
+        mp.setenv("FASTGPT_BACKEND", backend_name)
+        if attention_on_torch:
+            real = backend.attention
+            mp.setattr(backend, "attention", lambda q, k, v, c, i, b: real(q, k, v, c, i, "torch"))
+        return _steps(model, ids, n_decode)
+
+
+def _steps(model, ids, n_decode):
+    reports, logits = [], []
+    with torch.no_grad():
+        cache = model.new_cache(ids.shape[0], ids.shape[1] + n_decode)
+        reset_kernels_report()
+        logits.append(model(ids, cache))  # prefill: M = B*T > 16, cuBLAS + add/LayerNorm kernels
+        reports.append(kernels_report())
+        token = logits[-1][:, -1].argmax(-1, keepdim=True)
+        for _ in range(n_decode):  # decode: M = B, the fused GEMVs
+            reset_kernels_report()
+            logits.append(model(token, cache))
+            reports.append(kernels_report())
+            token = logits[-1][:, -1].argmax(-1, keepdim=True)
+    return logits, reports
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU: test_model_triton_backend_matches_torch_cuda")
+def test_model_triton_backend_matches_torch_backend(monkeypatch, gemv_launches):
+    """Our fused ops end to end, attention on the PyTorch path (kernels/attention.py is tested
+    on its own): fp32 logits within 1e-4 at prefill and at every decode step."""
+    monkeypatch.delenv("FASTGPT_LINEAR", raising=False)
+    model = _tiny_model(n_embd=64, vocab=97)  # small: every interpreted program costs ~0.1 s
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ref, _ = _run_steps(model, ids, 1, "torch", monkeypatch, attention_on_torch=False)
+    launches_before = gemv_launches.launches
+    got, reports = _run_steps(model, ids, 1, "triton", monkeypatch, attention_on_torch=True)
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}"
+    ops = ("qkv", "attn_proj", "fc", "mlp_proj", "lm_head")
+    assert all(reports[0][f"linear.{op}.gemm"] == "cublas" for op in ops)
+    assert all(reports[0][f"layernorm.{op}"] == "triton" for op in ("qkv", "fc", "lm_head"))
+    for rep in reports[1:]:
+        assert all(rep[f"linear.{op}.gemv"] == "triton" for op in ops), rep
+        assert not any(k.startswith("layernorm.") for k in rep), "decode LayerNorms run inside the GEMVs"
+    # By construction: 4 GEMV launches per layer and one for ln_f + LM head, per decode step.
+    assert gemv_launches.launches - launches_before == 4 * model.config.n_layer + 1
+
+
+def _triton_attention_importable() -> str | None:
+    try:
+        import kernels.attention  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
+        return f"kernels.attention does not import: {exc!r}"
+    return None
+
+
+@pytest.mark.skipif(_triton_attention_importable() is not None, reason=str(_triton_attention_importable()))
+def test_model_full_triton_backend_matches_torch_backend(monkeypatch):
+    """FASTGPT_BACKEND=triton with every kernel (attention too): logits within 1e-4 (fp32)."""
+    monkeypatch.setenv("FASTGPT_LINEAR", "triton")
+    model = _tiny_model(n_layer=1, seed=1, vocab=97)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    ref, _ = _run_steps(model, ids, 1, "torch", monkeypatch, attention_on_torch=False)
+    got, reports = _run_steps(model, ids, 1, "triton", monkeypatch, attention_on_torch=False)
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}"
+    assert reports[-1]["linear.qkv.gemv"] == "triton" and reports[-1]["attention.decode"] == "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# sm_90 compile checks (a subprocess without TRITON_INTERPRET: real JITFunctions)
+# --------------------------------------------------------------------------------------------
+_ALL_FLAGS = dict(HAS_BIAS=True, ACTIVATION=1, HAS_RESIDUAL=True, HAS_LN=True)
+
+
+def _compile_specs() -> list[dict]:
+    """Every tile in its M regime at float16 with the split-K code (the superset of the kernel),
+    the default tiles without split, the tensor-core tiles at float32 (IEEE FMA dots: the most
+    shared memory), and the default tiles at float32 / bfloat16."""
+    specs = []
+    for block_m, tiles in ((1, KL.M1_TILES), (16, KL.DOT_TILES)):
+        for i, tile in enumerate(tiles):
+            specs.append(dict(dtype="fp16", block_m=block_m, tile=list(tile), split=True))
+            if i == 0:
+                specs.append(dict(dtype="fp16", block_m=block_m, tile=list(tile), split=False))
+    specs += [dict(dtype="fp32", block_m=16, tile=list(t), split=True) for t in KL.DOT_TILES]
+    for dtype in ("fp32", "bf16"):
+        specs.append(dict(dtype=dtype, block_m=1, tile=list(KL.M1_TILES[0]), split=True))
+    specs.append(dict(dtype="bf16", block_m=16, tile=list(KL.DOT_TILES[0]), split=True))
+    return specs
+
+
+def _barrier_between_stores_and(lines: list[str], atom: int) -> bool:
+    """A ``bar.sync`` after the last global store that precedes the atomic (the partials)."""
+    last_store = max(i for i in range(atom) if "st.global" in lines[i])
+    return any("bar.sync" in line for line in lines[last_store:atom])
+
+
+def _compile_worker() -> None:
+    """Subprocess entry: compile the JSON specs on stdin for sm_90, print JSON results.
+
+    Integer arguments and pointers get Triton's divisible-by-16 specialisation (what a launch on
+    GPT-2's shapes gets), so the PTX shows the vectorised loads the GPU will run.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.utils import compile_for_hopper
+
+    kernel = KL._gemv_kernel
+    results = []
+    for spec in json.loads(sys.stdin.read()):
+        dt = spec["dtype"]
+        bn, bk, warps, stages = spec["tile"]
+        constexprs = dict(
+            _ALL_FLAGS, LN_ROW=2048 if spec["block_m"] == 1 else 0,  # GPT-2 XL's 1600 features
+            USE_SPLIT=spec["split"], BLOCK_M=spec["block_m"], BLOCK_N=bn, BLOCK_K=bk,
+            DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False,
+        )  # fmt: skip
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name == "part_ptr":
+                signature[name] = "*fp32"
+            elif name == "count_ptr":
+                signature[name] = "*i32"
+            elif name.endswith("_ptr"):
+                signature[name] = "*" + dt
+            elif name == "ln_eps":
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+        # compile_for_hopper (no argument specialisation) where shared memory peaks: fp32 dots.
+        plain_shared = 0
+        if dt == "fp32" and spec["block_m"] == 16:
+            plain_shared = compile_for_hopper(kernel, signature, constexprs, warps, stages).metadata.shared
+        divisible = [n for n in signature if signature[n] != "constexpr" and n not in ("M", "n_split", "ln_eps")]
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        special = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        ptx = special.asm["ptx"]
+        lines = ptx.splitlines()
+        atom = [i for i, line in enumerate(lines) if "atom.global" in line]
+        results.append(
+            dict(
+                spec=spec,
+                shared=max(plain_shared, special.metadata.shared),
+                mma="mma.sync" in ptx,
+                vector_loads="ld.global.v4" in ptx or "ld.global.nc.v4" in ptx,
+                atoms=[lines[i].strip() for i in atom],
+                barrier_before_atom=bool(atom) and _barrier_between_stores_and(lines, atom[0]),
+                cg_loads="ld.global.cg" in ptx,
+            )
+        )
+    print(json.dumps(results))
+
+
+def test_every_config_compiles_for_sm90():
+    specs = _compile_specs()
+    chunks = [specs[0::2], specs[1::2]]  # two worker processes on the two cores
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = "from tests.test_linear import _compile_worker; _compile_worker()"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for _ in chunks
+    ]
+    results = []
+    for proc, chunk in zip(procs, chunks):
+        stdout, stderr = proc.communicate(json.dumps(chunk), timeout=600)
+        assert proc.returncode == 0, f"compile worker failed:\n{stderr[-4000:]}"
+        results += json.loads(stdout.strip().splitlines()[-1])
+    assert len(results) == len(specs)
+    for r in results:
+        spec = r["spec"]
+        assert r["shared"] <= H100_SHARED_MEMORY_BYTES, f"{spec}: {r['shared']} B of shared memory"
+        assert r["vector_loads"], f"{spec}: no 16-byte loads of W"
+        if spec["block_m"] == 16:
+            assert r["mma"] == (spec["dtype"] != "fp32"), f"{spec}: half dots on tensor cores, fp32 IEEE"
+        if spec["split"]:
+            # One releasing/acquiring atomic, after a CTA barrier, partials read past L1.
+            assert len(r["atoms"]) == 1 and "acq_rel" in r["atoms"][0] and ".gpu" in r["atoms"][0], r["atoms"]
+            assert r["barrier_before_atom"] and r["cg_loads"], spec
+        else:
+            assert not r["atoms"], spec
+    tiles_covered = {(r["spec"]["block_m"], tuple(r["spec"]["tile"])) for r in results}
+    assert tiles_covered >= {(1, t) for t in KL.M1_TILES} | {(16, t) for t in KL.DOT_TILES}
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA
+# --------------------------------------------------------------------------------------------
+#: GPT-2 small's decode shapes and XL's largest (N, K), with the epilogue each has in the model
+#: (XL's other two shapes are the same kernels at sizes in between; kept out for compile time).
+GPT2_SHAPES = {
+    "small.qkv": (2304, 768, "ln+bias"),
+    "small.attn_proj": (768, 768, "bias+residual"),
+    "small.fc": (3072, 768, "ln+bias+gelu_tanh"),
+    "small.mlp_proj": (768, 3072, "bias+residual"),
+    "small.lm_head": (50257, 768, "ln_only"),
+    "xl.fc": (6400, 1600, "ln+bias+gelu_tanh"),
+    "xl.mlp_proj": (1600, 6400, "bias+residual"),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 2, 7, 16])
+@pytest.mark.parametrize("shape", list(GPT2_SHAPES))
+def test_gpt2_shapes_fp16_cuda(shape, M, gemv_launches):
+    N, K, epilogue = GPT2_SHAPES[shape]
+    spec = dict(EPILOGUES[epilogue])
+    activation = spec.pop("activation")
+    inp = make_inputs(M, N, K, torch.float16, **spec)
+    out = run_gemv(inp, activation)  # default config (split-K where the heuristic splits)
+    torch.cuda.synchronize()
+    assert gemv_launches.launches == 1
+    assert_close(out, reference64(inp, activation), torch.float16, f"{shape} M={M}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ["small.qkv", "small.mlp_proj", "xl.fc"])
+def test_gpt2_shapes_fp32_bf16_cuda(shape, dtype, M):
+    N, K, _ = GPT2_SHAPES[shape]
+    inp = make_inputs(M, N, K, dtype)
+    out = run_gemv(inp, "gelu_tanh")
+    assert_close(out, reference64(inp, "gelu_tanh"), dtype, f"{shape} {dtype} M={M}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 5])
+def test_every_candidate_config_cuda(M):
+    """Every config the measurement may choose, on the shape where split-K matters most."""
+    N, K = 768, 3072
+    inp = make_inputs(M, N, K, torch.float16)  # every stage on: LN + bias + GELU + residual
+    ref = reference64(inp, "gelu_tanh")
+    candidates = KL.candidate_configs(M, N, K, "cuda", exhaustive=True)
+    for cfg in candidates + [c.with_split(1) for c in candidates]:  # and each tile without split-K
+        out = run_gemv(inp, "gelu_tanh", cfg)
+        assert_close(out, ref, torch.float16, str(cfg))
+
+
+@pytest.mark.cuda
+def test_split_k_under_cuda_graph_replay():
+    """The counters reset by the finishing split make replays correct; replays allocate nothing."""
+    M, N, K = 1, 768, 3072
+    cfg = KL.GemvConfig(16, 256, 4, 3, 6)
+    inp = make_inputs(M, N, K, torch.float16, ln=False)
+    out = torch.empty(M, N, dtype=torch.float16, device="cuda")
+    KL.linear(**inp, out=out, config=cfg)  # eager first: compile + workspace
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        KL.linear(**inp, out=out, config=cfg)
+    for i in range(5):
+        inp["x"].normal_()
+        inp["residual"].normal_()
+        out.fill_(float("nan"))
+        torch.cuda.synchronize()
+        allocated = torch.cuda.memory_stats()["allocation.all.allocated"]
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocated, "a replay allocated"
+        assert_close(out, reference64(inp, None), torch.float16, f"replay {i}")
+    _, counters = KL.workspace_for(M, N, cfg, K, "cuda")
+    assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.cuda
+def test_plan_measures_and_caches_cuda(monkeypatch):
+    monkeypatch.delenv("FASTGPT_LINEAR", raising=False)
+    KL.clear_plans()
+    for M in (1, 8):
+        inp = make_inputs(M, 2304, 768, torch.float16, residual=False)
+        kwargs = dict(activation=None, ln_weight=inp["ln_weight"], ln_bias=inp["ln_bias"])
+        p = KL.plan(inp["x"], inp["weight"], inp["bias"], **kwargs)
+        assert p.impl in ("triton", "cublas") and p.reason.startswith("measured"), p
+        assert "cublas" in p.times_us and len(p.times_us) >= 2, "cuBLAS and at least one Triton config timed"
+        assert KL.plan(inp["x"], inp["weight"], inp["bias"], **kwargs) is p, "cached"
+        fn = KL.linear if p.impl == "triton" else KL.cublas_linear
+        extra = dict(config=p.config) if p.impl == "triton" else {}
+        out = fn(inp["x"], inp["weight"], inp["bias"], **kwargs, **extra)
+        assert_close(out, reference64(inp, None), torch.float16, f"plan {p}")
+    assert len(KL.plans()) == 2
+
+
+@pytest.mark.cuda
+def test_model_triton_backend_matches_torch_cuda(monkeypatch):
+    monkeypatch.setenv("FASTGPT_LINEAR", "triton")  # the fused GEMVs (no per-shape measurement)
+    model = _tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), device="cuda")
+    ref, _ = _run_steps(model, ids, 3, "torch", monkeypatch, attention_on_torch=False)
+    got, reports = _run_steps(model, ids, 3, "triton", monkeypatch, attention_on_torch=True)
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}"
+    assert all(reports[-1][f"linear.{op}.gemv"] == "triton" for op in ("qkv", "attn_proj", "fc", "mlp_proj", "lm_head"))
+
+
+@pytest.mark.cuda
+def test_decode_step_kernels_per_layer_cuda(monkeypatch):
+    """Count the CUDA kernels of one eager decode step with torch.profiler, for 2 and 4 layers:
+    the difference per layer is what one layer launches (4 fused GEMVs + attention)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("FASTGPT_BACKEND", "triton")
+    monkeypatch.setenv("FASTGPT_LINEAR", "triton")  # count the fused path whatever the timings
+    counts, gemvs = {}, {}
+    for n_layer in (2, 4):
+        model = _tiny_model(n_layer=n_layer, dtype=torch.float16)
+        with torch.no_grad():
+            cache = model.new_cache(1, 16)
+            model(torch.zeros(1, 4, dtype=torch.long, device="cuda"), cache)
+            token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+            model(token, cache)  # warm (compiles, workspaces)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(token, cache)
+                torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        counts[n_layer] = len(names)
+        gemvs[n_layer] = sum("_gemv_kernel" in n for n in names)
+        assert not any("_add_layernorm_kernel" in n for n in names), names
+    assert gemvs == {2: 4 * 2 + 1, 4: 4 * 4 + 1}
+    per_layer = (counts[4] - counts[2]) / 2
+    assert per_layer <= 6, f"{per_layer} kernels per layer (4 GEMVs + attention expected)"
