@@ -6,6 +6,7 @@ and its measurements, into ``$RESULTS_DIR`` (default ``benchmarks/results/``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -98,3 +99,22 @@ def measure_copy_bandwidth_gbs(device: torch.device | str = "cuda", n_bytes: int
     dst = torch.empty_like(src)
     ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, iters=20)
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+@contextlib.contextmanager
+def env_override(**values: str | None):
+    """Set (or with None, unset) environment variables for the duration of a block."""
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -47,12 +47,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
 import time
 
 import torch
 
-from benchmarks.common import measure_copy_bandwidth_gbs, result_header, write_results
+from benchmarks.common import env_override, measure_copy_bandwidth_gbs, result_header, write_results
 
 ENGINES = ("hf-eager", "hf-static", "hf-static-compiled", "fastgpt-torch", "fastgpt-eager", "fastgpt")
 FASTGPT_ENV = {  # engine -> (FASTGPT_BACKEND, FASTGPT_CUDA_GRAPH); None: unset (auto)
@@ -96,22 +95,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@contextlib.contextmanager
-def _env(**values: str | None):
-    old = {k: os.environ.get(k) for k in values}
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def make_runner(engine: str, hf, model, ids: torch.Tensor, n_new: int):
@@ -133,7 +116,7 @@ def make_runner(engine: str, hf, model, ids: torch.Tensor, n_new: int):
         graph = "0"
 
     def run():
-        with _env(FASTGPT_BACKEND=backend, FASTGPT_CUDA_GRAPH=graph):
+        with env_override(FASTGPT_BACKEND=backend, FASTGPT_CUDA_GRAPH=graph):
             return model.generate(ids, n_new)
 
     return run
@@ -460,7 +443,7 @@ def parse_args(argv=None):
         args.models = args.models or ["small-d256", "gpt2"]
         args.batch = args.batch or [1]
         args.prompt_len = args.prompt_len or [16]
-        args.new_tokens = args.new_tokens or [10, 50]
+        args.new_tokens = args.new_tokens or [10, 50, 100, 200]
         args.engines = args.engines or ["hf-eager", "fastgpt"]
         args.repeats = args.repeats or 1
     return args

@@ -49,7 +49,7 @@ from collections import defaultdict
 
 import torch
 
-from benchmarks.common import result_header, results_dir, write_results
+from benchmarks.common import env_override, result_header, results_dir, write_results
 
 PARTS = ("attention", "mlp", "layernorm", "lm_head", "sampling", "other")
 OP_PART = {
@@ -88,22 +88,6 @@ RUNS = (  # name, FASTGPT_BACKEND, FASTGPT_CUDA_GRAPH
 )
 
 
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -391,7 +375,7 @@ def run_profiles(args) -> dict:
             trace = None
             if on_gpu and not args.quick and run_name == "fastgpt" and (model_name, batch) == configs[0]:
                 trace = results_dir() / "profile_trace.json.gz"
-            with _env(FASTGPT_BACKEND=backend, FASTGPT_CUDA_GRAPH=graph):
+            with env_override(FASTGPT_BACKEND=backend, FASTGPT_CUDA_GRAPH=graph):
                 try:
                     summary, ref = profile_run(
                         model, batch, args.prompt_len,

@@ -28,3 +28,13 @@ def pytest_collection_modifyitems(config, items):
 def seed_all():
     torch.manual_seed(1234)
     return 1234
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads'
+    spin-waiting makes every small op 10-30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 from fastgpt import reference
 from fastgpt.kv_cache import KVCache
 from kernels import attention as attn
+from tests.kernel_helpers import run_compile_workers
 from kernels.utils import H100_SHARED_MEMORY_BYTES
 
 HAS_CUDA = torch.cuda.is_available()
@@ -617,22 +616,7 @@ def test_every_autotune_config_compiles_for_sm90_within_shared_memory():
     # Two worker processes (compiles are single-threaded; ~1-8 s each), costliest specs spread.
     cost = {"prefill": 3, "decode": 1, "combine": 1}
     order = sorted(specs, key=lambda s: -cost[s[0]] * (2 if s[1] == "fp32" else 1))
-    chunks = [order[0::2], order[1::2]]
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = "from tests.test_attention import _compile_worker; _compile_worker()"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        for _ in chunks
-    ]
-    results = []
-    for proc, chunk in zip(procs, chunks):
-        stdout, stderr = proc.communicate(json.dumps(chunk), timeout=600)
-        assert proc.returncode == 0, f"compile worker failed:\n{stderr[-4000:]}"
-        results += json.loads(stdout.strip().splitlines()[-1])
-    assert len(results) == len(specs)
+    results = run_compile_workers("test_attention", order)
     for r in results:
         kind, dt, head_dim, cfg = r["spec"]
         assert r["shared"] <= H100_SHARED_MEMORY_BYTES, f"{r['spec']} needs {r['shared']} B of shared memory"

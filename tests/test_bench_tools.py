@@ -15,12 +15,7 @@ import torch
 from benchmarks import decode, plots, profile
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def test_profile_runs_on_a_tiny_model_and_writes_the_expected_keys(tmp_path, monkeypatch):

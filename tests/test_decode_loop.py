@@ -24,14 +24,7 @@ gen = importlib.import_module("fastgpt.generate")
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads'
-    spin-waiting makes every small op 10-30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ bfloat16 ``s`` may differ from PyTorch's by one unit in the last place (exact on
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 
 from fastgpt import reference
 from kernels import layernorm as LN
+from tests.kernel_helpers import LaunchCounter, run_compile_workers
 from kernels.utils import H100_SHARED_MEMORY_BYTES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,15 +25,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #: max |h - ref| relative to max |ref|: the output's rounding to the dtype (fp32: reduction noise).
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-class LaunchCounter:
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 @pytest.fixture
@@ -208,13 +198,7 @@ def _compile_worker() -> None:
 def test_kernel_compiles_for_sm90():
     """GPT-2's widths (1024 and 2048 slots), the smallest and the largest row, each dtype."""
     specs = [["fp16", 1024, True], ["bf16", 2048, True], ["fp32", 64, False], ["fp32", LN.MAX_C, True]]
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-c", "from tests.test_layernorm import _compile_worker; _compile_worker()"],
-        input=json.dumps(specs), cwd=REPO_ROOT, env=env, text=True, capture_output=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_compile_workers("test_layernorm", specs, n_workers=1)
     assert [r["spec"] for r in results] == specs
     for r in results:
         assert r["shared"] <= H100_SHARED_MEMORY_BYTES, r

@@ -9,8 +9,6 @@ candidate config, the measured plan, CUDA-graph replay and the kernel count of a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 import fastgpt.backend as backend
 from fastgpt import GPT, GPTConfig, kernels_report, reference, reset_kernels_report
 from kernels import linear as KL
+from tests.kernel_helpers import LaunchCounter, run_compile_workers
 from kernels.utils import H100_SHARED_MEMORY_BYTES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,17 +35,6 @@ TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-class LaunchCounter:
-    """Stands in for a @triton.jit kernel in its module and counts ``kernel[grid](...)`` launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @pytest.fixture
 def gemv_launches(monkeypatch):
     counter = LaunchCounter(KL._gemv_kernel)
@@ -587,22 +575,7 @@ def _compile_worker() -> None:
 
 def test_every_config_compiles_for_sm90():
     specs = _compile_specs()
-    chunks = [specs[0::2], specs[1::2]]  # two worker processes on the two cores
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = "from tests.test_linear import _compile_worker; _compile_worker()"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for _ in chunks
-    ]
-    results = []
-    for proc, chunk in zip(procs, chunks):
-        stdout, stderr = proc.communicate(json.dumps(chunk), timeout=600)
-        assert proc.returncode == 0, f"compile worker failed:\n{stderr[-4000:]}"
-        results += json.loads(stdout.strip().splitlines()[-1])
-    assert len(results) == len(specs)
+    results = run_compile_workers("test_linear", specs)
     for r in results:
         spec = r["spec"]
         assert r["shared"] <= H100_SHARED_MEMORY_BYTES, f"{spec}: {r['shared']} B of shared memory"
