@@ -9,6 +9,8 @@ export RESULTS_DIR
 
 # package-to-install : module-to-import, installed only when the import fails.
 CPU_TORCH   := torch==2.13.0
+# Fail fast instead of retrying where there is no network (the GPU machine).
+PIP_INSTALL := $(PYTHON) -m pip install -q --retries 0 --timeout 10
 PY_DEPS     := triton==3.6.0:triton transformers==5.17.0:transformers safetensors:safetensors \
                pytest:pytest pytest-benchmark:pytest_benchmark ninja:ninja matplotlib:matplotlib tqdm:tqdm numpy:numpy
 
@@ -20,14 +22,14 @@ help:
 	@echo "make gpu-check  on a GPU machine: every CUDA test, sanitizers, all benchmarks -> \$$RESULTS_DIR"
 
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(CPU_TORCH)"
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP_INSTALL) "$(CPU_TORCH)"
 	@for dep in $(PY_DEPS); do \
 	    pkg=$${dep%%:*}; mod=$${dep##*:}; \
-	    $(PYTHON) -c "import $$mod" 2>/dev/null || $(PYTHON) -m pip install -q "$$pkg" \
+	    $(PYTHON) -c "import $$mod" 2>/dev/null || $(PIP_INSTALL) "$$pkg" \
 	        || echo "warning: could not install $$pkg (no network?); continuing without it"; \
 	done
 	@$(PYTHON) -m pip show -q fastgpt >/dev/null 2>&1 || \
-	    $(PYTHON) -m pip install -q --no-deps --no-build-isolation -e . \
+	    $(PIP_INSTALL) --no-deps --no-build-isolation -e . \
 	    || echo "warning: editable install failed; running from the source tree"
 
 test: install
