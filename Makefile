@@ -10,7 +10,7 @@ export RESULTS_DIR
 # package-to-install : module-to-import, installed only when the import fails.
 CPU_TORCH   := torch==2.13.0
 # Fail fast instead of retrying where there is no network (the GPU machine).
-PIP_INSTALL := $(PYTHON) -m pip install -q --retries 0 --timeout 10
+PIP_INSTALL := $(PYTHON) -m pip install -q --retries 2 --timeout 10
 PY_DEPS     := triton==3.6.0:triton transformers==5.17.0:transformers safetensors:safetensors \
                pytest:pytest pytest-benchmark:pytest_benchmark ninja:ninja matplotlib:matplotlib tqdm:tqdm numpy:numpy
 
