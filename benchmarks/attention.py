@@ -294,7 +294,7 @@ def run(quick: bool) -> dict:
         print("No GPU: this benchmark needs a CUDA GPU. Running a tiny CPU configuration under the "
               "Triton interpreter to exercise the script; the numbers mean nothing.")
     from fastgpt import reference
-    from kernels import attention as attn
+    from fastgpt.kernels import attention as attn
 
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.float16 if on_gpu else torch.float32

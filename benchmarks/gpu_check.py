@@ -32,7 +32,7 @@ PY = sys.executable
 #: (name, command, time limit in seconds), in order of value: the tests, the headline decode
 #: numbers, the kernel benchmarks, then the rest. A stage gets min(its limit, budget left).
 STAGES: list[tuple[str, list[str], int]] = [
-    ("build-extension", [PY, "-c", "import kernels.topk as t; print(t.topk_backend('cuda'))"], 180),
+    ("build-extension", [PY, "-c", "import fastgpt.kernels.topk as t; print(t.topk_backend('cuda'))"], 180),
     ("cuda-tests", [PY, "-m", "pytest", "tests", "-q", "-rfEs", "-p", "no:cacheprovider", "--maxfail=30"], 240),
     ("bench-decode", [PY, "-m", "benchmarks.decode", "--quick"], 180),
     ("bench-attention", [PY, "-m", "benchmarks.attention", "--quick"], 60),

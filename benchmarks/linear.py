@@ -83,7 +83,7 @@ def _graph_us(fn, n_calls: int) -> float:
 
 
 def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16) -> dict:
-    import kernels.linear as KL
+    import fastgpt.kernels.linear as KL
 
     dev = torch.device("cuda")
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20) or 50 * 2**20

@@ -109,7 +109,7 @@ def _time(fn, iters: int) -> tuple[float, float | None]:
 
 
 def _settings(op: str, B: int, device):
-    from kernels.sampling import check_sampling_settings
+    from fastgpt.kernels.sampling import check_sampling_settings
 
     T, k, p = {"top_p": (1.0, 0, TOP_P), "top_k": (1.0, TOP_K, 1.0), "step": (TEMPERATURE, TOP_K, TOP_P)}[op]
     check_sampling_settings(T, k, p, 0.0)  # host-side validation, as generate() does
@@ -122,7 +122,7 @@ def _settings(op: str, B: int, device):
 
 
 def bench_one(op: str, dist: str, B: int, V: int, iters: int) -> dict:
-    from kernels import sampling as S
+    from fastgpt.kernels import sampling as S
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(B * 7 + V)

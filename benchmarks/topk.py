@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = "cpu" if cpu else "cuda"
 
-    from kernels import topk as topk_mod
+    from fastgpt.kernels import topk as topk_mod
 
     backend = topk_mod.topk_backend(device)
     print(f"fastgpt topk backend on {device}: {backend}")

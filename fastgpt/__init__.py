@@ -6,6 +6,10 @@
 >>> fast = fastgpt.accelerate(hf_gpt2_model)    # drop-in generate() for a transformers GPT-2
 """
 
+from ._mount import mount_kernels
+
+mount_kernels()  # makes ``fastgpt.kernels`` importable from a source tree too; see fastgpt/_mount.py
+
 from .backend import kernels_report, reset_kernels_report, resolve_backend
 from .config import PRESETS, GPTConfig
 from .cuda_graph import clear_graph_cache, last_generate_stats

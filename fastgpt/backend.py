@@ -42,7 +42,7 @@ def resolve_backend(device: torch.device | str) -> str:
             return "triton"
         return "torch"
     if choice == "triton":
-        from kernels.utils import triton_usable_on
+        from fastgpt.kernels.utils import triton_usable_on
 
         if not triton_usable_on(device):
             raise ValueError(
@@ -56,8 +56,8 @@ def resolve_backend(device: torch.device | str) -> str:
 @functools.cache
 def _triton_kernels_importable() -> bool:
     try:
-        import kernels.attention  # noqa: F401
-        import kernels.sampling  # noqa: F401
+        import fastgpt.kernels.attention  # noqa: F401
+        import fastgpt.kernels.sampling  # noqa: F401
     except Exception as exc:  # ImportError, or a Triton that fails to initialise its driver
         warnings.warn(f"fastgpt: Triton kernels unavailable ({exc}); using the PyTorch backend", stacklevel=3)
         return False
@@ -97,7 +97,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: i
     k_cache, v_cache = cache.layer(layer)
     T = q.shape[1]
     if backend == "triton":
-        import kernels.attention as triton_attention
+        import fastgpt.kernels.attention as triton_attention
 
         if q.shape[-1] not in triton_attention.SUPPORTED_HEAD_DIMS:
             _warn_once(
@@ -165,7 +165,7 @@ def _is_zero(value) -> bool:
 def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) -> torch.Tensor:
     """``(B, V)`` float32 logits -> ``(B,)`` int64 next tokens; advances ``state.step`` on the device."""
     if backend == "triton":
-        import kernels.sampling as triton_sampling
+        import fastgpt.kernels.sampling as triton_sampling
 
         _record("sample", "triton")
         B, V = logits.shape
@@ -230,7 +230,7 @@ def linear(
     weight, bias = layer.weight, getattr(layer, "bias", None)
     ln_kwargs = {} if ln is None else dict(ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps)
     if backend == "triton":
-        import kernels.linear as triton_linear
+        import fastgpt.kernels.linear as triton_linear
 
         chosen = triton_linear.plan(x, weight, bias, activation=activation, residual=residual, **ln_kwargs)
         _record(f"linear.{op}.{_phase(x)}", chosen.impl)
@@ -248,7 +248,7 @@ def add_layernorm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(LN(x + residual), x + residual)`` (``residual`` None: ``(LN(x), x)``); one Triton launch."""
     if backend == "triton":
-        import kernels.layernorm as triton_layernorm
+        import fastgpt.kernels.layernorm as triton_layernorm
 
         _record(f"layernorm.{op}", "triton")
         return triton_layernorm.add_layernorm(x, ln.weight, ln.bias, ln.eps, residual=residual)
@@ -277,7 +277,7 @@ def ln_linear(
     """
     weight, bias = layer.weight, getattr(layer, "bias", None)
     if backend == "triton":
-        import kernels.linear as triton_linear
+        import fastgpt.kernels.linear as triton_linear
 
         chosen = triton_linear.plan(
             x, weight, bias, activation=activation, ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps
@@ -308,7 +308,7 @@ def residual_linear(
     """
     weight, bias = layer.weight, getattr(layer, "bias", None)
     if backend == "triton":
-        import kernels.linear as triton_linear
+        import fastgpt.kernels.linear as triton_linear
 
         chosen = triton_linear.plan(y, weight, bias, residual=x)
         _record(f"linear.{op}.{_phase(y)}", chosen.impl)

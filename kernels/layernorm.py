@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import check_tensor, triton_usable_on
+from .utils import check_tensor, triton_usable_on
 
 __all__ = ["MAX_C", "add_layernorm", "layernorm_num_warps"]
 

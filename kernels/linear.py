@@ -91,8 +91,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layernorm import add_layernorm, as_rows, check_no_partial_overlap, check_rows_disjoint
-from kernels.utils import check_tensor, interpreting, triton_usable_on
+from .layernorm import add_layernorm, as_rows, check_no_partial_overlap, check_rows_disjoint
+from .utils import check_tensor, interpreting, triton_usable_on
 
 __all__ = [
     "GEMV_MAX_M",

@@ -101,7 +101,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import check_tensor, interpreting, triton_usable_on
+from .utils import check_tensor, interpreting, triton_usable_on
 
 __all__ = [
     "sample",

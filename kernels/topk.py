@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from fastgpt import reference
-from kernels.utils import check_tensor
+from .utils import check_tensor
 
 __all__ = [
     "topk",
@@ -78,7 +78,7 @@ def _warn_fallback(reason: str) -> None:
     _warned = True
     warnings.warn(
         f"fastgpt: the fastgpt_ops C++/CUDA extension could not be built or loaded ({reason}); "
-        "kernels.topk.topk falls back to fastgpt.reference.topk (torch.sort: same results, slower).",
+        "fastgpt.kernels.topk.topk falls back to fastgpt.reference.topk (torch.sort: same results, slower).",
         RuntimeWarning,
         stacklevel=3,
     )

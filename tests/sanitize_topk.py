@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastgpt.reference import topk as reference_topk  # noqa: E402
-from kernels import topk as topk_mod  # noqa: E402
+from fastgpt.kernels import topk as topk_mod  # noqa: E402
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 

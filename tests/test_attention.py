@@ -28,9 +28,9 @@ import torch
 
 from fastgpt import reference
 from fastgpt.kv_cache import KVCache
-from kernels import attention as attn
+from fastgpt.kernels import attention as attn
 from tests.kernel_helpers import run_compile_workers
-from kernels.utils import H100_SHARED_MEMORY_BYTES
+from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -573,7 +573,7 @@ def _compile_worker() -> None:
     Runs without TRITON_INTERPRET so that the kernels and their @triton.jit helpers are real
     JITFunctions (the interpreter's wrappers cannot be compiled).
     """
-    from kernels.utils import compile_for_hopper
+    from fastgpt.kernels.utils import compile_for_hopper
 
     kernels = {"prefill": attn._prefill_kernel, "decode": attn._decode_split_kernel, "combine": attn._decode_combine_kernel}
     results = []

@@ -6,7 +6,7 @@ import torch
 
 from fastgpt import kernels_report, reference, reset_kernels_report
 from fastgpt.backend import resolve_backend
-from kernels.utils import interpreting
+from fastgpt.kernels.utils import interpreting
 from tests.models import pair
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -209,7 +209,7 @@ def test_bad_beam_arguments_raise_before_any_work(kwargs, error, match, monkeypa
 def test_beam_search_on_the_kernel_path_matches_transformers(monkeypatch):
     """FASTGPT_BACKEND=triton: the Triton kernels (interpreted on the CPU) serve the reordered
     beam rows of the cache, left padding included."""
-    from kernels.utils import interpreting
+    from fastgpt.kernels.utils import interpreting
 
     device = "cuda" if HAS_CUDA else "cpu"
     if device == "cpu" and not interpreting():

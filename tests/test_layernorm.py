@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from fastgpt import reference
-from kernels import layernorm as LN
+from fastgpt.kernels import layernorm as LN
 from tests.kernel_helpers import LaunchCounter, run_compile_workers
-from kernels.utils import H100_SHARED_MEMORY_BYTES
+from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -180,7 +180,7 @@ def test_residual_on_another_device_is_refused():
 # sm_90 compile check (subprocess without TRITON_INTERPRET)
 # --------------------------------------------------------------------------------------------
 def _compile_worker() -> None:
-    from kernels.utils import compile_for_hopper
+    from fastgpt.kernels.utils import compile_for_hopper
 
     kernel = LN._add_layernorm_kernel
     results = []

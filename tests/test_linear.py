@@ -19,9 +19,9 @@ import torch
 
 import fastgpt.backend as backend
 from fastgpt import GPT, GPTConfig, kernels_report, reference, reset_kernels_report
-from kernels import linear as KL
+from fastgpt.kernels import linear as KL
 from tests.kernel_helpers import LaunchCounter, run_compile_workers
-from kernels.utils import H100_SHARED_MEMORY_BYTES
+from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -464,7 +464,7 @@ def test_model_triton_backend_matches_torch_backend(monkeypatch, gemv_launches):
 
 def _triton_attention_importable() -> str | None:
     try:
-        import kernels.attention  # noqa: F401
+        import fastgpt.kernels.attention  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
         return f"kernels.attention does not import: {exc!r}"
     return None
@@ -522,7 +522,7 @@ def _compile_worker() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.utils import compile_for_hopper
+    from fastgpt.kernels.utils import compile_for_hopper
 
     kernel = KL._gemv_kernel
     results = []

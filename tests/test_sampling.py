@@ -36,8 +36,8 @@ import torch
 from scipy import stats
 
 from fastgpt import reference
-from kernels import sampling as S
-from kernels.utils import H100_SHARED_MEMORY_BYTES
+from fastgpt.kernels import sampling as S
+from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -612,8 +612,8 @@ _COMPILE_SCRIPT = r"""
 import json, os, subprocess, sys, tempfile
 import torch
 import triton
-from kernels import sampling as S
-from kernels.utils import compile_for_hopper, triton_dtype
+from fastgpt.kernels import sampling as S
+from fastgpt.kernels.utils import compile_for_hopper, triton_dtype
 
 PTR = {
     "temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr": "*fp32", "seed_ptr": "*i64",

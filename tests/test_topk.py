@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from fastgpt.reference import topk as reference_topk
-from kernels import topk as topk_mod
+from fastgpt.kernels import topk as topk_mod
 
 REPO = Path(__file__).resolve().parent.parent
 EMU_DIR = REPO / "tests" / "topk_emu"
