@@ -124,6 +124,10 @@ __all__ = [
     "PATH_TIE_ROW",
     "PATH_SMALL_DRAW",
     "PATH_HEAD",
+    "PATH_FLAGGED",
+    "STATUS_NAN",
+    "STATUS_POS_INF",
+    "STATUS_NO_TOKEN",
     "LAST_LAUNCH",
 ]
 
@@ -142,6 +146,12 @@ PATH_TIE_SPLIT = 128  # the top-p cut split a tie group (index threshold needed)
 PATH_TIE_ROW = 256  # ... and that tie group was searched over the row (more than CAP ties)
 PATH_SMALL_DRAW = 512  # union race over <= DRAW tokens gathered first (the cheap draw)
 PATH_HEAD = 1024  # kept set decided in the <= HEAD largest tokens (the fast path)
+PATH_FLAGGED = 2048  # a sampling row with NaN / +inf / no possible token: flagged in status, argmax returned
+
+# Bits of status[b, 0] (contract C1): why a sampling row could not be sampled.
+STATUS_NAN = 1  # the scaled scores contain NaN
+STATUS_POS_INF = 2  # ... contain +inf (also from an overflowing logits / temperature)
+STATUS_NO_TOKEN = 4  # every score is -inf: no token has a non-zero probability
 
 # Kernels may only read constexpr globals.
 _P_GREEDY = tl.constexpr(PATH_GREEDY)
@@ -155,6 +165,10 @@ _P_TIE_SPLIT = tl.constexpr(PATH_TIE_SPLIT)
 _P_TIE_ROW = tl.constexpr(PATH_TIE_ROW)
 _P_SMALL_DRAW = tl.constexpr(PATH_SMALL_DRAW)
 _P_HEAD = tl.constexpr(PATH_HEAD)
+_P_FLAGGED = tl.constexpr(PATH_FLAGGED)
+_F_NAN = tl.constexpr(STATUS_NAN)
+_F_POS_INF = tl.constexpr(STATUS_POS_INF)
+_F_NO_TOKEN = tl.constexpr(STATUS_NO_TOKEN)
 
 #: What the last :func:`sample` call launched (tests assert the Triton path ran).
 LAST_LAUNCH: dict = {"backend": None, "launches": 0, "calls": 0, "config": None}
@@ -390,12 +404,23 @@ def _tie_keep(L, F, pv, g):
 
 
 @triton.jit
+def _row_tile(row_ptr, start, end, t_div, BLOCK: tl.constexpr):
+    """Tokens ``[start, start + BLOCK)`` of a row, cut at ``end``: ``(ids, mask, scaled values, keys)``.
+
+    The body every pass over a row starts with (masked tokens read as ``-inf``).
+    """
+    offs = start + tl.arange(0, BLOCK)
+    msk = offs < end
+    x = _scaled(tl.load(row_ptr + offs, mask=msk, other=float("-inf")), t_div)
+    return offs, msk, x, _float_key(x)
+
+
+@triton.jit
 def _row_agg(row_ptr, V, t_div, M, ta, tb, BLOCK: tl.constexpr, USE_MASS: tl.constexpr):
     """One pass over the row: (count, H) of keys ``> ta`` and of keys ``> tb``.
 
     ``H`` is the mass ``sum exp(x - M)`` when ``USE_MASS``, else the count (as float32).
     """
-    offs0 = tl.arange(0, BLOCK)
     ta32 = ta.to(tl.int32)
     tb32 = tb.to(tl.int32)
     cnt_a = tl.zeros([], tl.int32)
@@ -405,10 +430,7 @@ def _row_agg(row_ptr, V, t_div, M, ta, tb, BLOCK: tl.constexpr, USE_MASS: tl.con
     # (a while loop: the interpreter cannot range() over a runtime bound)
     start = tl.zeros([], tl.int32)
     while start < V:
-        offs = start + offs0
-        msk = offs < V
-        x = _scaled(tl.load(row_ptr + offs, mask=msk, other=float("-inf")), t_div)
-        key = _float_key(x)
+        offs, msk, x, key = _row_tile(row_ptr, start, V, t_div, BLOCK)
         above_a = msk & (key > ta32)
         above_b = msk & (key > tb32)
         cnt_a += tl.sum(above_a.to(tl.int32), 0)
@@ -458,7 +480,6 @@ def _row_search(row_ptr, V, t_div, M, lo, hi, L, sval_ptr, sidx_ptr,
     n_c = tl.zeros([], tl.int32)
     if compacted:
         # Gather the <= CAP tokens with lo < key <= hi (positions from a running prefix count).
-        offs0 = tl.arange(0, BLOCK)
         lo32 = lo.to(tl.int32)
         hi32 = hi.to(tl.int32)
         # Earlier reads of the scratch (a previous search, by other threads) must be done.
@@ -466,14 +487,12 @@ def _row_search(row_ptr, V, t_div, M, lo, hi, L, sval_ptr, sidx_ptr,
         # (a while loop: the interpreter cannot range() over a runtime bound)
         start = tl.zeros([], tl.int32)
         while start < V:
-            offs = start + offs0
-            msk = offs < V
-            x = _scaled(tl.load(row_ptr + offs, mask=msk, other=float("-inf")), t_div)
-            key = _float_key(x)
+            offs, msk, x, key = _row_tile(row_ptr, start, V, t_div, BLOCK)
             sel = msk & (key > lo32) & (key <= hi32)
             pos = n_c + tl.cumsum(sel.to(tl.int32), 0) - 1
-            tl.store(sval_ptr + pos, x, mask=sel)
-            tl.store(sidx_ptr + pos, offs, mask=sel)
+            # (pos < CAP always holds here; the mask keeps any input from writing past the scratch)
+            tl.store(sval_ptr + pos, x, mask=sel & (pos < CAP))
+            tl.store(sidx_ptr + pos, offs, mask=sel & (pos < CAP))
             n_c += tl.sum(sel.to(tl.int32), 0)
             start += BLOCK
         # The scratch was written by other threads of this program: a CTA barrier orders it.
@@ -496,7 +515,6 @@ def _row_search(row_ptr, V, t_div, M, lo, hi, L, sval_ptr, sidx_ptr,
 @triton.jit
 def _nth_index_row(row_ptr, V, t_div, t, n, BLOCK: tl.constexpr):
     """:func:`_nth_index_regs` over the whole row: the n-th smallest index with key ``t``."""
-    offs0 = tl.arange(0, BLOCK)
     t32 = t.to(tl.int32)
     lo = tl.full([], -1, tl.int32)
     hi = tl.zeros([], tl.int32) + (V - 1)  # (V may be a constexpr 1: no .to())
@@ -506,10 +524,8 @@ def _nth_index_row(row_ptr, V, t_div, t, n, BLOCK: tl.constexpr):
         # (a while loop: the interpreter cannot range() over a runtime bound)
         start = tl.zeros([], tl.int32)
         while start <= mid:
-            offs = start + offs0
-            msk = offs <= mid
-            x = _scaled(tl.load(row_ptr + offs, mask=msk, other=float("-inf")), t_div)
-            c += tl.sum((msk & (_float_key(x) == t32)).to(tl.int32), 0)
+            _offs, msk, _x, key = _row_tile(row_ptr, start, mid + 1, t_div, BLOCK)
+            c += tl.sum((msk & (key == t32)).to(tl.int32), 0)
             start += BLOCK
         go_down = c >= n
         hi = tl.where(go_down, mid, hi)
@@ -558,8 +574,9 @@ def _head_sample(uv, ui, uvalid, tau, M, S, k, top_p, min_p, k_active, p_active,
     sel = finite & (uv > h)
     n_head = tl.sum(sel.to(tl.int32), 0)
     pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-    tl.store(sval_row + pos, uv, mask=sel)
-    tl.store(sidx_row + pos, ui, mask=sel)
+    # (n_head <= HEAD <= CAP by construction; the mask keeps any input inside the scratch)
+    tl.store(sval_row + pos, uv, mask=sel & (pos < HEAD))
+    tl.store(sidx_row + pos, ui, mask=sel & (pos < HEAD))
     tl.debug_barrier()  # the head was scattered by other threads of this program
     j = tl.arange(0, HEAD)
     hm = j < n_head
@@ -595,7 +612,7 @@ def _chunk_kernel(
     logits_ptr, stride_row, V, n_chunks,
     temp_ptr, stride_temp, topk_ptr, stride_topk, topp_ptr, stride_topp, minp_ptr, stride_minp,
     seed_ptr, step_ptr,
-    cmax_ptr, csum_ptr, carg_ptr, ctheta_ptr, ccount_ptr, cgum_ptr, cgidx_ptr, cval_ptr, cidx_ptr,
+    cmax_ptr, csum_ptr, carg_ptr, ctheta_ptr, ccount_ptr, cgum_ptr, cgidx_ptr, cval_ptr, cidx_ptr, cflag_ptr,
     TILE: tl.constexpr, TILES: tl.constexpr, K_C: tl.constexpr, SEL_ITERS: tl.constexpr,
 ):
     """Pass 1 for chunk ``c`` of row ``b``: chunk statistics, race winner or candidates."""
@@ -616,14 +633,24 @@ def _chunk_kernel(
     greedy, _k_active, _p_active, _m_active, keep_all = _row_flags(temp, k, top_p, min_p, V)
     x = _scaled(raw, tl.where(greedy, 1.0, temp))  # greedy rows: the raw logits
 
+    # NaN and +inf (also from an overflowing l / T) are reported, and NaN is taken out of every
+    # comparison below: a NaN compares false with everything, so no bisection could count it.
+    is_nan = valid & (x != x)
+    flags = tl.where(tl.max(is_nan.to(tl.int32), 0) > 0, _F_NAN, 0)
+    flags |= tl.where(tl.max((valid & (x == float("inf"))).to(tl.int32), 0) > 0, _F_POS_INF, 0)
+    x = tl.where(is_nan, float("-inf"), x)
+
     m = tl.max(x, 0)
     am = tl.min(tl.where(valid & (x == m), idx, 2147483647), 0)
+    # torch.argmax semantics: a NaN is the maximum, the first NaN wins.
+    am = tl.where((flags & _F_NAN) != 0, tl.min(tl.where(is_nan, idx, 2147483647), 0), am)
     e = tl.where(x > float("-inf"), tl.exp(x - m), 0.0)  # no NaN when the chunk is all -inf
     s = tl.sum(e, 0)
     slot = b * n_chunks + c
     tl.store(cmax_ptr + slot, m)
     tl.store(csum_ptr + slot, s)
     tl.store(carg_ptr + slot, am)
+    tl.store(cflag_ptr + slot, flags)
 
     if keep_all:
         seed = tl.load(seed_ptr)
@@ -657,12 +684,205 @@ def _chunk_kernel(
             # As a key (-0.0 -> +0.0 first, so that key > theta <=> x > theta).
             theta = _float_key(tl.where(hi == 0.0, 0.0, hi))
         sel = key > theta
+        # The bisection bounds the count for NaN-free finite values; the slot mask bounds the
+        # writes for every input (a row with +inf is flagged and never reads its candidates).
+        sel &= tl.cumsum(sel.to(tl.int32), 0) <= K_C
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1
         base = slot.to(tl.int64) * K_C
         tl.store(cval_ptr + base + pos, x, mask=sel)
         tl.store(cidx_ptr + base + pos, idx, mask=sel)
         tl.store(ctheta_ptr + slot, theta)
         tl.store(ccount_ptr + slot, tl.sum(sel.to(tl.int32), 0))
+
+
+@triton.jit
+def _greedy_token(cm, M, ca, cflags, cmask):
+    """The row's argmax from the chunks' with ``torch.argmax`` semantics (NaN is the max, lowest index)."""
+    nan_chunk = cmask & ((cflags & _F_NAN) != 0)
+    top_chunk = tl.where(tl.max(nan_chunk.to(tl.int32), 0) > 0, nan_chunk, cmask & (cm == M))
+    return tl.min(tl.where(top_chunk, ca, 2147483647), 0)
+
+
+@triton.jit
+def _record_bad_row(status_ptr, b, bad, step_lo):
+    """``status[b, 0] |= bad``; ``status[b, 1] = step`` when the row had no flag before (first bad step)."""
+    before = tl.load(status_ptr + 2 * b)
+    if before == 0:
+        tl.store(status_ptr + 2 * b + 1, step_lo)
+    tl.store(status_ptr + 2 * b, before | bad)
+
+
+@triton.jit
+def _union_cut(uv, ui, uvalid, tau, M, S, k, top_p, k_active, p_active, V):
+    """The top-k floor and top-p cut, where the union of candidates decides them.
+
+    Returns ``(kth, known_k, t_p, t_i, p_resolved, tie_split)``: keep keys ``>= kth``; ``known_k``
+    is 0 when ``v_k <= tau`` (the union cannot decide top-k); keep keys ``> t_p`` and key
+    ``== t_p`` with index ``<= t_i`` when ``p_resolved`` (the cut lies above ``tau``).
+    """
+    uk = tl.where(uvalid, _float_key(uv), -2147483648)
+    ue = tl.where(uvalid & (uv > float("-inf")), tl.exp(uv - M), 0.0)
+    ones = uvalid.to(tl.float32)
+    tau64 = tau.to(tl.int64)
+    int_min = tl.full([], -2147483648, tl.int64)
+    # The searches start from the largest key (H = 0 above it): fewer bisection steps.
+    ukmax = tl.max(uk, 0).to(tl.int64)
+
+    # top-k: v_k is exact from the union when count(key > tau) >= k.
+    kth = int_min  # keep keys >= kth (int_min: no top-k floor)
+    known_k = tl.full([], 1, tl.int32)
+    if k_active:
+        if tl.sum(tl.where(uk > tau, ones, 0.0), 0) >= k.to(tl.float32):
+            kth, _hk = _search_regs(uk, ones, uvalid, tau64, ukmax, 0.0, k.to(tl.float32))
+        else:
+            known_k = tl.zeros([], tl.int32)
+    Z = S
+    if k_active:
+        Z = tl.sum(tl.where(uk >= kth.to(tl.int32), ue, 0.0), 0)
+    P = top_p * Z
+
+    # top-p from the union when the cut lies above tau.
+    t_p = int_min  # keep keys > t_p, and key == t_p with index <= t_i
+    t_i = tl.full([], 2147483647, tl.int32)
+    p_resolved = tl.zeros([], tl.int32)
+    tie_split = tl.zeros([], tl.int32)
+    if p_active & (known_k != 0):
+        lo = tl.maximum(tau64, kth - 1)
+        if tl.sum(tl.where(uk > lo.to(tl.int32), ue, 0.0), 0) >= P:
+            t_p, F = _search_regs(uk, ue, uvalid, lo, ukmax, 0.0, P)
+            group = uvalid & (uk == t_p.to(tl.int32))
+            g = tl.sum(group.to(tl.int32), 0)
+            pv = tl.max(tl.where(group, ue, 0.0), 0)
+            n = _tie_keep(P, F, pv, g)
+            if n < g:
+                t_i = _nth_index_regs(uk, ui, uvalid, t_p.to(tl.int32), n, V)
+                tie_split = tl.full([], 1, tl.int32)
+            p_resolved = tl.full([], 1, tl.int32)
+    return kth, known_k, t_p, t_i, p_resolved, tie_split
+
+
+@triton.jit
+def _union_draw(uv, ui, uvalid, M, kth, t_p, t_i, min_p, sval_row, sidx_row, seed, row, step_lo, step_hi,
+                DRAW: tl.constexpr):
+    """The race over the union's kept tokens; returns ``(token, PATH_* bits)``."""
+    uk = tl.where(uvalid, _float_key(uv), -2147483648)
+    ue = tl.where(uvalid & (uv > float("-inf")), tl.exp(uv - M), 0.0)
+    kept = uvalid & (uk >= kth.to(tl.int32)) & (ue >= min_p)
+    kept &= (uk > t_p.to(tl.int32)) | ((uk == t_p.to(tl.int32)) & (ui <= t_i))
+    n_kept = tl.sum(kept.to(tl.int32), 0)
+    path = tl.zeros([], tl.int32) + _P_UNION
+    if n_kept <= DRAW:
+        # Few kept tokens (the usual top-k / peaked top-p case): gather them so the Philox rounds
+        # run on DRAW lanes instead of on the whole union.
+        pos = tl.cumsum(kept.to(tl.int32), 0) - 1
+        tl.store(sval_row + pos, uv, mask=kept)
+        tl.store(sidx_row + pos, ui, mask=kept)
+        tl.debug_barrier()
+        d = tl.arange(0, DRAW)
+        dm = d < n_kept
+        dv = tl.load(sval_row + d, mask=dm, other=float("-inf"), cache_modifier=".cg")
+        di = tl.load(sidx_row + d, mask=dm, other=0, cache_modifier=".cg")
+        _best, tok = _argmax_lowest(dv + _noise_at(di, seed, row, step_lo, step_hi), di, dm)
+        path |= _P_SMALL_DRAW
+    else:
+        _best, tok = _argmax_lowest(uv + _noise_at(ui, seed, row, step_lo, step_hi), ui, kept)
+    return tok, path
+
+
+@triton.jit
+def _fallback_draw(row_ptr, V, t_div, M, S, tau, kth, known_k, k, top_p, min_p, k_active, p_active,
+                   sval_row, sidx_row, seed, row, step_lo, step_hi, CAP: tl.constexpr, BLOCK: tl.constexpr):
+    """The exact fallback: thresholds searched over the whole row, then the race over the row.
+
+    Returns ``(token, PATH_* bits)``.
+    """
+    path = tl.zeros([], tl.int32) + _P_FALLBACK
+    tau64 = tau.to(tl.int64)
+    int_min = tl.full([], -2147483648, tl.int64)
+    int_max = tl.full([], 2147483647, tl.int64)
+    if k_active & (known_k == 0):
+        # count(key > tau) < k: the k-th value is <= tau; search the row below tau.
+        kth, _f, _g, _pv, k_comp, _nc = _row_search(row_ptr, V, t_div, M, int_min, tau64, k.to(tl.float32),
+                                                    sval_row, sidx_row, CAP, BLOCK, False)
+        path |= _P_ROW_TOPK
+        if k_comp:
+            path |= _P_ROW_COMPACT
+    Z = S
+    if k_active:
+        _c, Z, _c2, _z2 = _row_agg(row_ptr, V, t_div, M, kth - 1, kth - 1, BLOCK, True)
+    P = top_p * Z
+    t_p = int_min  # keep keys > t_p, and key == t_p with index <= t_i
+    t_i = tl.full([], 2147483647, tl.int32)
+    if p_active:
+        # known_k here means the union saw mass(key > tau) < P: the cut is <= tau.
+        hi = tl.where(known_k != 0, tau64, int_max)
+        lo = tl.where(k_active, kth - 1, int_min)
+        t_p, F, g, pv, p_comp, n_gathered = _row_search(row_ptr, V, t_div, M, lo, hi, P, sval_row, sidx_row,
+                                                        CAP, BLOCK, True)
+        path |= _P_ROW_TOPP
+        n = _tie_keep(P, F, pv, g)
+        if p_comp:
+            path |= _P_ROW_COMPACT
+        if n < g:
+            path |= _P_TIE_SPLIT
+            if p_comp:
+                # The gathered bracket holds the whole tie group at t_p.
+                j = tl.arange(0, CAP)
+                jm = j < n_gathered
+                sv = tl.load(sval_row + j, mask=jm, other=float("-inf"), cache_modifier=".cg")
+                si = tl.load(sidx_row + j, mask=jm, other=2147483647, cache_modifier=".cg")
+                t_i = _nth_index_regs(_float_key(sv), si, jm, t_p.to(tl.int32), n, V)
+            else:
+                t_i = _nth_index_row(row_ptr, V, t_div, t_p, n, BLOCK)
+                path |= _P_TIE_ROW
+
+    # The race over the row, one tile at a time (ties between tiles keep the lower index).
+    kth32 = kth.to(tl.int32)
+    tp32 = t_p.to(tl.int32)
+    best = tl.full([], float("-inf"), tl.float32)
+    best_i = tl.zeros([], tl.int32)
+    # (a while loop: the interpreter cannot range() over a runtime bound)
+    start = tl.zeros([], tl.int32)
+    while start < V:
+        offs, msk, x, key = _row_tile(row_ptr, start, V, t_div, BLOCK)
+        e = tl.where(x > float("-inf"), tl.exp(x - M), 0.0)
+        kept = msk & (key >= kth32) & (e >= min_p)
+        kept &= (key > tp32) | ((key == tp32) & (offs <= t_i))
+        if tl.max(kept.to(tl.int32), 0) > 0:
+            c0 = (start >> 2) + tl.arange(0, BLOCK // 4)
+            tile_best, tile_i = _argmax_lowest(x + _noise_x4(c0, seed, row, step_lo, step_hi, BLOCK), offs, kept)
+            take = tile_best > best
+            best = tl.where(take, tile_best, best)
+            best_i = tl.where(take, tile_i, best_i)
+        start += BLOCK
+    return best_i, path
+
+
+@triton.jit
+def _filtered_draw(row_ptr, V, temp, k, top_p, min_p, k_active, p_active, m_active, M, S, tau,
+                   uv, ui, uvalid, sval_row, sidx_row, seed, row, step_lo, step_hi,
+                   CAP: tl.constexpr, BLOCK: tl.constexpr, DRAW: tl.constexpr, HEAD: tl.constexpr):
+    """A row with top-k / top-p / min-p: head, else union, else the exact fallback.
+
+    Returns ``(token, PATH_* bits)``.
+    """
+    head_ok, tok = _head_sample(uv, ui, uvalid, tau, M, S, k, top_p, min_p, k_active, p_active, m_active,
+                                sval_row, sidx_row, seed, row, step_lo, step_hi, HEAD, 10)
+    path = tl.zeros([], tl.int32) + _P_HEAD
+    if head_ok == 0:
+        kth, known_k, t_p, t_i, p_resolved, tie_split = _union_cut(uv, ui, uvalid, tau, M, S, k, top_p,
+                                                                   k_active, p_active, V)
+        complete = tau == -2147483648
+        m_resolved = complete | (tl.exp(_key_float(tau) - M) < min_p)
+        resolved = (known_k != 0) & (k_active | (p_resolved != 0) | (m_active & m_resolved) | complete)
+        if resolved:
+            tok, path = _union_draw(uv, ui, uvalid, M, kth, t_p, t_i, min_p, sval_row, sidx_row, seed, row,
+                                    step_lo, step_hi, DRAW)
+        else:
+            tok, path = _fallback_draw(row_ptr, V, temp, M, S, tau, kth, known_k, k, top_p, min_p, k_active,
+                                       p_active, sval_row, sidx_row, seed, row, step_lo, step_hi, CAP, BLOCK)
+        path |= tl.where(tie_split != 0, _P_TIE_SPLIT, 0)
+    return tok, path
 
 
 # V and n_chunks are never specialised: Triton 3.6 fails to compile the row kernel for a constexpr
@@ -672,12 +892,12 @@ def _row_kernel(
     logits_ptr, stride_row, V, n_chunks,
     temp_ptr, stride_temp, topk_ptr, stride_topk, topp_ptr, stride_topp, minp_ptr, stride_minp,
     seed_ptr, step_ptr,
-    cmax_ptr, csum_ptr, carg_ptr, ctheta_ptr, ccount_ptr, cgum_ptr, cgidx_ptr, cval_ptr, cidx_ptr,
-    sval_ptr, sidx_ptr, path_ptr, out_ptr, stride_out,
+    cmax_ptr, csum_ptr, carg_ptr, ctheta_ptr, ccount_ptr, cgum_ptr, cgidx_ptr, cval_ptr, cidx_ptr, cflag_ptr,
+    sval_ptr, sidx_ptr, path_ptr, status_ptr, out_ptr, stride_out,
     C_PAD: tl.constexpr, K_C: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, DRAW: tl.constexpr,
     HEAD: tl.constexpr,
 ):
-    """Pass 2 for row ``b``: combine the chunks, resolve the kept set, draw; see the module doc."""
+    """Pass 2 for row ``b``: combine the chunks, flag a bad row, resolve the kept set, draw."""
     b = tl.program_id(0)
     temp = tl.load(temp_ptr + b * stride_temp)
     k = tl.load(topk_ptr + b * stride_topk)
@@ -689,16 +909,21 @@ def _row_kernel(
     cmask = cs < n_chunks
     cslot = b * n_chunks + cs
     cm = tl.load(cmax_ptr + cslot, mask=cmask, other=float("-inf"))
-    M = tl.max(cm, 0)
-    sval_row = sval_ptr + b.to(tl.int64) * CAP
-    sidx_row = sidx_ptr + b.to(tl.int64) * CAP
+    M = tl.max(cm, 0)  # the row max (NaN excluded by pass 1)
+    cflags = tl.load(cflag_ptr + cslot, mask=cmask, other=0)
+    bad = tl.max(cflags & _F_NAN, 0) | tl.max(cflags & _F_POS_INF, 0)
+    bad |= tl.where((bad == 0) & (M == float("-inf")), _F_NO_TOKEN, 0)
+    ca = tl.load(carg_ptr + cslot, mask=cmask, other=2147483647)
+    tok = _greedy_token(cm, M, ca, cflags, cmask)
 
-    tok = tl.zeros([], tl.int32)
     path = tl.zeros([], tl.int32)
     if greedy:
-        ca = tl.load(carg_ptr + cslot, mask=cmask, other=2147483647)
-        tok = tl.min(tl.where(cmask & (cm == M), ca, 2147483647), 0)
         path = _P_GREEDY
+    elif bad != 0:
+        # Nothing to sample from: report it (the caller raises), return the argmax (in range).
+        step_lo, _step_hi = _step_words(step_ptr)
+        _record_bad_row(status_ptr, b, bad, step_lo)
+        path = _P_FLAGGED
     elif keep_all:
         gs = tl.load(cgum_ptr + cslot, mask=cmask, other=float("-inf"))
         gi = tl.load(cgidx_ptr + cslot, mask=cmask, other=2147483647)
@@ -707,142 +932,16 @@ def _row_kernel(
     else:
         seed = tl.load(seed_ptr)
         step_lo, step_hi = _step_words(step_ptr)
-        row_ptr = logits_ptr + b.to(tl.int64) * stride_row
         cs_sum = tl.load(csum_ptr + cslot, mask=cmask, other=0.0)
         S = tl.sum(tl.where(cm > float("-inf"), cs_sum * tl.exp(cm - M), 0.0), 0)
         tau = tl.max(tl.load(ctheta_ptr + cslot, mask=cmask, other=-2147483648), 0)
-        tau64 = tau.to(tl.int64)
-        int_min = tl.full([], -2147483648, tl.int64)
-        int_max = tl.full([], 2147483647, tl.int64)
-
         uv, ui, uvalid = _load_union(cval_ptr, cidx_ptr, ccount_ptr, b, n_chunks, C_PAD, K_C)
-        head_ok, head_tok = _head_sample(uv, ui, uvalid, tau, M, S, k, top_p, min_p, k_active, p_active, m_active,
-                                         sval_row, sidx_row, seed, b, step_lo, step_hi, HEAD, 10)
-        if head_ok:
-            tok = head_tok
-            path |= _P_HEAD
-        else:
-            uk = tl.where(uvalid, _float_key(uv), -2147483648)
-            ue = tl.where(uvalid & (uv > float("-inf")), tl.exp(uv - M), 0.0)
-            ones = uvalid.to(tl.float32)
-            # The searches start from the largest key (H = 0 above it): fewer bisection steps.
-            ukmax = tl.max(uk, 0).to(tl.int64)
+        tok, path = _filtered_draw(logits_ptr + b.to(tl.int64) * stride_row, V, temp, k, top_p, min_p,
+                                   k_active, p_active, m_active, M, S, tau, uv, ui, uvalid,
+                                   sval_ptr + b.to(tl.int64) * CAP, sidx_ptr + b.to(tl.int64) * CAP,
+                                   seed, b, step_lo, step_hi, CAP, BLOCK, DRAW, HEAD)
 
-            # top-k: v_k is exact from the union when count(key > tau) >= k.
-            kth = int_min  # keep keys >= kth (int_min: no top-k floor)
-            known_k = tl.full([], 1, tl.int32)
-            if k_active:
-                if tl.sum(tl.where(uk > tau, ones, 0.0), 0) >= k.to(tl.float32):
-                    kth, _hk = _search_regs(uk, ones, uvalid, tau64, ukmax, 0.0, k.to(tl.float32))
-                else:
-                    known_k = tl.zeros([], tl.int32)
-            Z = S
-            if k_active:
-                Z = tl.sum(tl.where(uk >= kth.to(tl.int32), ue, 0.0), 0)
-            P = top_p * Z
-
-            # top-p from the union when the cut lies above tau.
-            t_p = int_min  # keep keys > t_p, and key == t_p with index <= t_i
-            t_i = tl.full([], 2147483647, tl.int32)
-            p_resolved = tl.zeros([], tl.int32)
-            if p_active & (known_k != 0):
-                lo = tl.maximum(tau64, kth - 1)
-                if tl.sum(tl.where(uk > lo.to(tl.int32), ue, 0.0), 0) >= P:
-                    t_p, F = _search_regs(uk, ue, uvalid, lo, ukmax, 0.0, P)
-                    group = uvalid & (uk == t_p.to(tl.int32))
-                    g = tl.sum(group.to(tl.int32), 0)
-                    pv = tl.max(tl.where(group, ue, 0.0), 0)
-                    n = _tie_keep(P, F, pv, g)
-                    if n < g:
-                        t_i = _nth_index_regs(uk, ui, uvalid, t_p.to(tl.int32), n, V)
-                        path |= _P_TIE_SPLIT
-                    p_resolved = tl.full([], 1, tl.int32)
-            complete = tau == -2147483648
-            m_resolved = complete | (tl.exp(_key_float(tau) - M) < min_p)
-            resolved = (known_k != 0) & (k_active | (p_resolved != 0) | (m_active & m_resolved) | complete)
-
-            if resolved:
-                kept = uvalid & (uk >= kth.to(tl.int32)) & (ue >= min_p)
-                kept &= (uk > t_p.to(tl.int32)) | ((uk == t_p.to(tl.int32)) & (ui <= t_i))
-                n_kept = tl.sum(kept.to(tl.int32), 0)
-                if n_kept <= DRAW:
-                    # Few kept tokens (the usual top-k / peaked top-p case): gather them so the
-                    # Philox rounds run on DRAW lanes instead of on the whole union.
-                    pos = tl.cumsum(kept.to(tl.int32), 0) - 1
-                    tl.store(sval_row + pos, uv, mask=kept)
-                    tl.store(sidx_row + pos, ui, mask=kept)
-                    tl.debug_barrier()
-                    d = tl.arange(0, DRAW)
-                    dm = d < n_kept
-                    dv = tl.load(sval_row + d, mask=dm, other=float("-inf"), cache_modifier=".cg")
-                    di = tl.load(sidx_row + d, mask=dm, other=0, cache_modifier=".cg")
-                    _best, tok = _argmax_lowest(dv + _noise_at(di, seed, b, step_lo, step_hi), di, dm)
-                    path |= _P_UNION | _P_SMALL_DRAW
-                else:
-                    _best, tok = _argmax_lowest(uv + _noise_at(ui, seed, b, step_lo, step_hi), ui, kept)
-                    path |= _P_UNION
-            else:
-                path |= _P_FALLBACK
-                t_div = temp
-                if k_active & (known_k == 0):
-                    # count(key > tau) < k: the k-th value is <= tau; search the row below tau.
-                    kth, _f, _g, _pv, k_comp, _nc = _row_search(row_ptr, V, t_div, M, int_min, tau64, k.to(tl.float32),
-                                                            sval_row, sidx_row, CAP, BLOCK, False)
-                    path |= _P_ROW_TOPK
-                    if k_comp:
-                        path |= _P_ROW_COMPACT
-                if k_active:
-                    _c, Z, _c2, _z2 = _row_agg(row_ptr, V, t_div, M, kth - 1, kth - 1, BLOCK, True)
-                P = top_p * Z
-                if p_active:
-                    # known_k here means the union saw mass(key > tau) < P: the cut is <= tau.
-                    hi = tl.where(known_k != 0, tau64, int_max)
-                    lo = tl.where(k_active, kth - 1, int_min)
-                    t_p, F, g, pv, p_comp, n_gathered = _row_search(row_ptr, V, t_div, M, lo, hi, P, sval_row, sidx_row,
-                                                        CAP, BLOCK, True)
-                    path |= _P_ROW_TOPP
-                    n = _tie_keep(P, F, pv, g)
-                    if p_comp:
-                        path |= _P_ROW_COMPACT
-                    if n < g:
-                        path |= _P_TIE_SPLIT
-                        if p_comp:
-                            # The gathered bracket holds the whole tie group at t_p.
-                            j = tl.arange(0, CAP)
-                            jm = j < n_gathered
-                            sv = tl.load(sval_row + j, mask=jm, other=float("-inf"), cache_modifier=".cg")
-                            si = tl.load(sidx_row + j, mask=jm, other=2147483647, cache_modifier=".cg")
-                            t_i = _nth_index_regs(_float_key(sv), si, jm, t_p.to(tl.int32), n, V)
-                        else:
-                            t_i = _nth_index_row(row_ptr, V, t_div, t_p, n, BLOCK)
-                            path |= _P_TIE_ROW
-
-                # The race over the row, one tile at a time (ties between tiles keep the lower index).
-                kth32 = kth.to(tl.int32)
-                tp32 = t_p.to(tl.int32)
-                offs0 = tl.arange(0, BLOCK)
-                best = tl.full([], float("-inf"), tl.float32)
-                best_i = tl.zeros([], tl.int32)
-                # (a while loop: the interpreter cannot range() over a runtime bound)
-                start = tl.zeros([], tl.int32)
-                while start < V:
-                    offs = start + offs0
-                    msk = offs < V
-                    x = _scaled(tl.load(row_ptr + offs, mask=msk, other=float("-inf")), t_div)
-                    key = _float_key(x)
-                    e = tl.where(x > float("-inf"), tl.exp(x - M), 0.0)
-                    kept = msk & (key >= kth32) & (e >= min_p)
-                    kept &= (key > tp32) | ((key == tp32) & (offs <= t_i))
-                    if tl.max(kept.to(tl.int32), 0) > 0:
-                        c0 = (start >> 2) + tl.arange(0, BLOCK // 4)
-                        tile_best, tile_i = _argmax_lowest(x + _noise_x4(c0, seed, b, step_lo, step_hi, BLOCK), offs, kept)
-                        take = tile_best > best
-                        best = tl.where(take, tile_best, best)
-                        best_i = tl.where(take, tile_i, best_i)
-                    start += BLOCK
-                tok = best_i
-
-    tok = tl.minimum(tl.maximum(tok, 0), V - 1)  # only NaN/undefined inputs could need it
+    tok = tl.minimum(tl.maximum(tok, 0), V - 1)  # the token is in range whatever the input
     tl.store(out_ptr + b * stride_out, tok.to(tl.int64))
     tl.store(path_ptr + b, path)
 
@@ -937,10 +1036,13 @@ def sampling_workspace(
         "chunk_race_idx": buf((batch, n), i32),
         "cand_val": buf((batch, n, cfg.cands), f32),
         "cand_idx": buf((batch, n, cfg.cands), i32),
+        "chunk_flags": buf((batch, n), i32),  # STATUS_* bits of each chunk (NaN / +inf seen)
         # Pass 2 per-row scratch (gathered tokens) and the path bits.
         "scratch_val": buf((batch, cfg.cap), f32),
         "scratch_idx": buf((batch, cfg.cap), i32),
         "path": path,
+        # Where the flags of a call without ``status=`` go (written, never read).
+        "status_sink": torch.zeros((batch, 2), dtype=i32, device=device),
         "constexprs": _kernel_constexprs(cfg),
     }
 
@@ -973,6 +1075,7 @@ def sample(
     out: torch.Tensor | None = None,
     workspace: dict | None = None,
     config: SamplerConfig | None = None,
+    status: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw the next token of every row: temperature, top-k, top-p, min-p and the draw, fused.
 
@@ -989,6 +1092,12 @@ def sample(
     workspace : optional dict from :func:`sampling_workspace` (no allocation per call).
     config : optional :class:`SamplerConfig` (tests and benchmarks; default
         :func:`select_config`).
+    status : optional (B', 2) int32, ``B' >= B``, zeroed by the caller and kept across steps
+        (contract C1). For a sampling row (temperature > 0) whose scaled scores contain NaN,
+        ``status[b, 0] |= STATUS_NAN``; +inf: ``|= STATUS_POS_INF``; every score -inf:
+        ``|= STATUS_NO_TOKEN``; ``status[b, 1]`` gets ``step`` when ``status[b, 0]`` was 0 before.
+        Such a row returns its argmax. Greedy rows are never flagged (``torch.argmax`` semantics:
+        NaN is the maximum).
 
     All tensors on one device: CUDA, or the CPU under ``TRITON_INTERPRET=1``. Values are checked
     only for CPU tensors (a check on the GPU would need a sync): the caller validates host-side
@@ -1025,6 +1134,10 @@ def sample(
         check_tensor(out, "out", ndim=1, dtypes=(torch.int64,), device=dev)
         if out.shape[0] != B:
             raise ValueError(f"out must have shape ({B},), got {tuple(out.shape)}")
+    if status is not None:
+        check_tensor(status, "status", ndim=2, dtypes=(torch.int32,), device=dev)
+        if status.shape[0] < B or status.shape[1] != 2 or not status.is_contiguous():
+            raise ValueError(f"status must be a contiguous ({B}, 2) int32 tensor, got shape {tuple(status.shape)}")
     if dev.type == "cpu":
         check_sampling_settings(temperature, top_k, top_p, min_p)
 
@@ -1054,7 +1167,7 @@ def sample(
     )
     chunk_bufs = (
         ws["chunk_max"], ws["chunk_sum"], ws["chunk_argmax"], ws["chunk_theta"], ws["chunk_count"],
-        ws["chunk_race"], ws["chunk_race_idx"], ws["cand_val"], ws["cand_idx"],
+        ws["chunk_race"], ws["chunk_race_idx"], ws["cand_val"], ws["cand_idx"], ws["chunk_flags"],
     )
     k1, k2 = ws["constexprs"]
     _chunk_kernel[(B, n_chunks)](
@@ -1062,7 +1175,8 @@ def sample(
     )
     _row_kernel[(B,)](
         logits, logits.stride(0), V, n_chunks, *settings, *chunk_bufs,
-        ws["scratch_val"], ws["scratch_idx"], ws["path"], out, out.stride(0),
+        ws["scratch_val"], ws["scratch_idx"], ws["path"], status if status is not None else ws["status_sink"],
+        out, out.stride(0),
         **k2, num_warps=cfg.warps2,
     )
     LAST_LAUNCH.update(
