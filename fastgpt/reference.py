@@ -35,6 +35,11 @@ __all__ = [
     "sampling_probs",
     "greedy",
     "sample",
+    "sampling_status",
+    "record_sampling_status",
+    "STATUS_NAN",
+    "STATUS_POS_INF",
+    "STATUS_NO_TOKEN",
     "topk",
     "as_row_tensor",
 ]
@@ -223,16 +228,66 @@ def sample(
     top_p=1.0,
     min_p=0.0,
     generator: torch.Generator | None = None,
+    *,
+    status: torch.Tensor | None = None,
+    step: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """Draw one token per row from :func:`sampling_probs` without a host sync.
 
     Exponential race: ``argmax_i p_i / E_i`` with ``E_i ~ Exp(1)`` i.i.d. picks ``i`` with
     probability ``p_i`` (the minimum of ``E_i / p_i`` is attained by ``i`` w.p. ``p_i``), and
     unlike ``torch.multinomial`` it never copies anything to the host.
+
+    ``status``: optional ``(B, 2)`` int32 tensor on the logits' device, zeroed by the caller; the
+    same flags as the fused sampler (contract C1, see :func:`sampling_status`), ``status[b, 1]``
+    set to ``step`` at a row's first bad step. A flagged row returns its argmax (in range).
     """
-    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p, min_p), dim=-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(dim=-1)
+    tokens = torch.softmax(filter_logits(logits, temperature, top_k, top_p, min_p), dim=-1)
+    race = torch.empty_like(tokens).exponential_(generator=generator)
+    tokens = (tokens / race).argmax(dim=-1)
+    if status is not None:
+        bad = record_sampling_status(status, logits, temperature, step)
+        tokens = torch.where(bad, logits.argmax(dim=-1), tokens)
+    return tokens
+
+
+#: Bits of ``status[b, 0]`` (contract C1): why a sampling row could not be sampled.
+STATUS_NAN, STATUS_POS_INF, STATUS_NO_TOKEN = 1, 2, 4
+
+
+def sampling_status(logits: torch.Tensor, temperature=1.0) -> torch.Tensor:
+    """``(B,)`` int32 flags of each row's scaled scores ``logits / temperature`` (float32).
+
+    ``STATUS_NAN`` when they contain NaN, ``STATUS_POS_INF`` when they contain +inf (also from an
+    overflowing division), ``STATUS_NO_TOKEN`` when every score is -inf (and none is NaN): no token
+    has a non-zero probability. Greedy rows (temperature 0) are never flagged.
+    """
+    B = logits.shape[0]
+    temperature = as_row_tensor(temperature, B, torch.float32, logits.device, "temperature")
+    is_greedy = temperature == 0
+    x = logits.float() / torch.where(is_greedy, 1.0, temperature)[:, None]  # (B, V)
+    has_nan = torch.isnan(x).any(dim=-1)
+    flags = has_nan.int() * STATUS_NAN
+    flags |= torch.isposinf(x).any(dim=-1).int() * STATUS_POS_INF
+    flags |= ((x == float("-inf")).all(dim=-1) & ~has_nan).int() * STATUS_NO_TOKEN
+    return torch.where(is_greedy, 0, flags).to(torch.int32)
+
+
+def record_sampling_status(status: torch.Tensor, logits: torch.Tensor, temperature, step) -> torch.Tensor:
+    """Fold :func:`sampling_status` into ``status`` in place (no host sync); returns the ``(B,)`` bad-row mask.
+
+    ``status[b, 0] |= flags``; ``status[b, 1] = step`` for a row flagged now and not before.
+    """
+    B = logits.shape[0]
+    if status.dtype != torch.int32 or status.dim() != 2 or status.shape[0] < B or status.shape[1] != 2:
+        raise ValueError(f"status must be a ({B}, 2) int32 tensor, got {status.dtype} of shape {tuple(status.shape)}")
+    flags = sampling_status(logits, temperature)
+    bad = flags != 0
+    step = torch.as_tensor(step, device=status.device).to(torch.int32).reshape(-1)[:1]
+    first = bad & (status[:B, 0] == 0)
+    status[:B, 1] = torch.where(first, step, status[:B, 1])
+    status[:B, 0] |= flags
+    return bad
 
 
 # --------------------------------------------------------------------------------------------

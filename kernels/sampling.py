@@ -84,9 +84,15 @@ mapped to ``+0.0`` so equal values get equal keys). Masses are float32 sums in a
 than the reference's float32 softmax/cumsum, so a token whose mass-before lies within ~1e-6
 (relative) of ``top_p`` -- or with ``e_i`` within float rounding of ``min_p`` -- may be decided
 either way. ``top_p >= 1`` disables top-p (the reference may drop a tail whose float32 cumulative
-mass rounds to 1, total mass < 1e-6). NaN / +inf logits, rows of only ``-inf``, negative
-temperatures and temperatures so small that ``l / T`` overflows are undefined (the token is still
-in ``[0, V)``).
+mass rounds to 1, total mass < 1e-6). Negative temperatures are undefined (the token is still in
+``[0, V)``).
+
+Bad scores (contract C1): pass 1 records per chunk whether the scaled scores hold NaN or +inf (an
+overflowing ``l / T`` included) and replaces NaN by ``-inf`` before any comparison, and every
+candidate / scratch write is bounded by its slot count, so no pattern of NaN / inf writes out of
+bounds. Pass 2 flags a sampling row with NaN (``STATUS_NAN``), +inf (``STATUS_POS_INF``) or only
+``-inf`` scores (``STATUS_NO_TOKEN``) in ``status`` (the step of its first bad step beside it) and
+returns its argmax instead of sampling. Greedy rows follow ``torch.argmax``: the first NaN wins.
 
 Value ranges cannot be checked on the device without a host sync: the caller (``generate``)
 validates host-side settings with :func:`check_sampling_settings` before filling the tensors;
@@ -101,7 +107,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_tensor, interpreting, triton_usable_on
+from fastgpt.reference import STATUS_NAN, STATUS_NO_TOKEN, STATUS_POS_INF
+
+from .utils import check_tensor, interpreting, note_launch, triton_usable_on
 
 __all__ = [
     "sample",
@@ -128,7 +136,6 @@ __all__ = [
     "STATUS_NAN",
     "STATUS_POS_INF",
     "STATUS_NO_TOKEN",
-    "LAST_LAUNCH",
 ]
 
 #: Largest vocabulary the launcher accepts (256k tokens).
@@ -148,10 +155,9 @@ PATH_SMALL_DRAW = 512  # union race over <= DRAW tokens gathered first (the chea
 PATH_HEAD = 1024  # kept set decided in the <= HEAD largest tokens (the fast path)
 PATH_FLAGGED = 2048  # a sampling row with NaN / +inf / no possible token: flagged in status, argmax returned
 
-# Bits of status[b, 0] (contract C1): why a sampling row could not be sampled.
-STATUS_NAN = 1  # the scaled scores contain NaN
-STATUS_POS_INF = 2  # ... contain +inf (also from an overflowing logits / temperature)
-STATUS_NO_TOKEN = 4  # every score is -inf: no token has a non-zero probability
+# The bits of status[b, 0] (contract C1) are the oracle's: STATUS_NAN (the scaled scores contain
+# NaN), STATUS_POS_INF (+inf, also from an overflowing logits / temperature), STATUS_NO_TOKEN
+# (every score -inf: no token has a non-zero probability).
 
 # Kernels may only read constexpr globals.
 _P_GREEDY = tl.constexpr(PATH_GREEDY)
@@ -170,8 +176,6 @@ _F_NAN = tl.constexpr(STATUS_NAN)
 _F_POS_INF = tl.constexpr(STATUS_POS_INF)
 _F_NO_TOKEN = tl.constexpr(STATUS_NO_TOKEN)
 
-#: What the last :func:`sample` call launched (tests assert the Triton path ran).
-LAST_LAUNCH: dict = {"backend": None, "launches": 0, "calls": 0, "config": None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1179,12 +1183,8 @@ def sample(
         out, out.stride(0),
         **k2, num_warps=cfg.warps2,
     )
-    LAST_LAUNCH.update(
-        backend="triton-interpreter" if interpreting() else "triton",
-        launches=2,
-        calls=LAST_LAUNCH["calls"] + 1,
-        config=cfg,
-    )
+    # What ran (contract C2): the path bits stay on the device until someone reads them.
+    note_launch("sample", "triton", interpreter=interpreting(), launches=2, config=cfg, path=ws["path"][:B])
     return out
 
 

@@ -50,6 +50,33 @@ if interpreting():
     fix_interpreter_loop_bounds()
 
 
+# --------------------------------------------------------------------------------------------
+# One record of what ran (contract C2)
+# --------------------------------------------------------------------------------------------
+_LAUNCHES: dict[str, dict] = {}
+
+
+def note_launch(op: str, impl: str, **details) -> None:
+    """Record that the public launcher of ``op`` ran ``impl`` ("triton", "cuda", "cpu-op", "torch").
+
+    ``details`` (the sampler's path bits tensor, the split count, the chosen plan, ...) replace the
+    previous call's; ``calls`` counts the calls since :func:`reset_launch_record`. Host-side only:
+    under CUDA-graph replay nothing is noted (the record shows the captured call).
+    """
+    calls = _LAUNCHES.get(op, {}).get("calls", 0) + 1
+    _LAUNCHES[op] = {"impl": impl, "calls": calls, **details}
+
+
+def launch_record() -> dict[str, dict]:
+    """What each op's launcher last ran: ``{op: {"impl": ..., "calls": n, **details}}`` (a copy)."""
+    return {op: dict(rec) for op, rec in _LAUNCHES.items()}
+
+
+def reset_launch_record() -> None:
+    """Forget every noted launch."""
+    _LAUNCHES.clear()
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -37,7 +37,7 @@ from scipy import stats
 
 from fastgpt import reference
 from fastgpt.kernels import sampling as S
-from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
+from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES, launch_record
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -67,10 +67,11 @@ def _run(logits, settings, seed=1234, step=0, *, config=None, workspace=None, ou
     ws = workspace if workspace is not None else S.sampling_workspace(B, V, logits.device, config=config)
     ws["path"].fill_(-1)  # poison: every row must record its path
     seed_t, step_t = _seed_step(seed, step, logits.device, step_dtype)
-    calls = S.LAST_LAUNCH["calls"]
+    calls = launch_record().get("sample", {}).get("calls", 0)
     tokens = S.sample(logits, *settings, seed_t, step_t, workspace=ws, out=out)
-    assert S.LAST_LAUNCH["calls"] == calls + 1 and S.LAST_LAUNCH["launches"] == 2
-    assert S.LAST_LAUNCH["backend"] == ("triton" if HAS_CUDA else "triton-interpreter")
+    ran = launch_record()["sample"]
+    assert ran["calls"] == calls + 1 and ran["launches"] == 2
+    assert ran["impl"] == "triton" and ran["interpreter"] == ON_CPU
     path = ws["path"][:B].cpu()
     assert (path > 0).all(), f"rows without a recorded path: {path.tolist()}"
     return tokens, path
@@ -603,6 +604,164 @@ def test_value_ranges(values, match):
         with pytest.raises(ValueError, match=match):
             _bad_call(**dict(zip(("temperature", "top_k", "top_p", "min_p"), t)))
     S.check_sampling_settings(torch.tensor([0.0, 2.0]), torch.tensor([0, 5]), torch.tensor([1.0, 0.1]), torch.tensor([0.0, 1.0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad scores: NaN / +inf / all -inf rows (contract C1: status flags, in-bounds writes)
+# --------------------------------------------------------------------------------------------
+_BAD_V = 300  # two interpreter chunks of 16 interleaved tiles of 16 tokens; K_C = 16 candidates
+
+
+def _bad_row(pattern, V, g):
+    """One row of logits with the named NaN / inf pattern (float32, CPU)."""
+    x = torch.randn(V, generator=g) * 2.0
+    nan, inf = float("nan"), float("inf")
+    if pattern == "nan_row":
+        x[:] = nan
+    elif pattern == "nan_in_one_chunk":  # 32 NaNs in chunk 0 (tiles 0 and 2): more than K_C
+        x[0:16] = nan
+        x[32:48] = nan
+    elif pattern == "last_token_nan":  # the last chunk of the last row once wrote past cand_val
+        x[V - 1] = nan
+    elif pattern == "pos_inf_row":
+        x[:] = inf
+    elif pattern == "pos_inf_some":
+        x[16:32] = inf
+        x[200:204] = inf
+    elif pattern == "neg_inf_row":  # every token banned
+        x[:] = -inf
+    elif pattern == "nan_and_neg_inf":
+        x[:] = -inf
+        x[123] = nan
+    elif pattern == "mixed":
+        x[::3] = -inf
+        x[5::7] = nan
+        x[10::11] = inf
+    elif pattern == "overflow":  # finite logits, l / T overflows to +inf at the tiny temperature
+        x[7] = 3e38
+    else:
+        assert pattern == "clean"
+    return x
+
+
+_BAD_PATTERNS = ("nan_row", "nan_in_one_chunk", "last_token_nan", "pos_inf_row", "pos_inf_some", "neg_inf_row",
+                 "nan_and_neg_inf", "mixed", "overflow", "clean")
+# (temperature, top_k, top_p, min_p): greedy, keep-all, top-k, top-p, min-p, all filters.
+_BAD_SETTINGS = ((0.0, 0, 1.0, 0.0), (1.0, 0, 1.0, 0.0), (0.8, 5, 1.0, 0.0), (1.0, 0, 0.9, 0.0),
+                 (1.0, 0, 1.0, 0.1), (1.2, 50, 0.95, 0.05))
+
+
+def _guard(t, pad=4096):
+    """``t``'s shape as a view in the middle of a larger poisoned buffer; ``check()`` asserts the
+    padding on both sides is untouched (an out-of-bounds write of the kernels lands there)."""
+    poison = -77777 if not t.is_floating_point() else 12345.0
+    big = torch.full((pad + t.numel() + pad,), poison, dtype=t.dtype, device=t.device)
+    view = big[pad:pad + t.numel()].view(t.shape)
+    view.copy_(t)
+
+    def check(name):
+        assert bool((big[:pad] == poison).all()) and bool((big[pad + t.numel():] == poison).all()), (
+            f"out-of-bounds write next to {name}")
+
+    return view, check
+
+
+def _guarded_workspace(B, V):
+    ws = S.sampling_workspace(B, V, DEV)
+    checks = []
+    for name, value in list(ws.items()):
+        if isinstance(value, torch.Tensor):
+            ws[name], check = _guard(value)
+            checks.append((name, check))
+    return ws, checks
+
+
+def _bad_batch(B, patterns, settings_rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.stack([_bad_row(p, _BAD_V, g) for p in patterns]).to(DEV)
+    T, k, p, m = (list(c) for c in zip(*settings_rows))
+    T = [1e-3 if pat == "overflow" and t > 0 else t for pat, t in zip(patterns, T)]
+    return logits, _settings(B, T, k, p, m)
+
+
+def _check_bad_batch(logits, settings, tokens, status, step, ws_checks=()):
+    for name, check in ws_checks:
+        check(name)
+    B, V = logits.shape
+    assert bool(((tokens >= 0) & (tokens < V)).all()), tokens.tolist()
+    temperature = settings[0]
+    flags = reference.sampling_status(logits, temperature)
+    expected_status = torch.stack([flags, torch.where(flags != 0, step, 0).int()], dim=1)
+    assert torch.equal(status.cpu(), expected_status.cpu()), (status.tolist(), expected_status.tolist())
+    # Greedy and flagged rows: torch.argmax (the first NaN is the max; ties -> lowest index).
+    argmax_rows = (temperature == 0) | (flags != 0)
+    assert torch.equal(tokens[argmax_rows], logits.argmax(dim=-1)[argmax_rows])
+    return flags
+
+
+@pytest.mark.parametrize("B", [1, 64])
+def test_bad_scores_write_in_bounds_and_are_flagged(B):
+    """Every NaN / +inf / -inf pattern under every filter: writes stay inside the workspace, out and
+    status (poisoned guard zones around each), sampling rows are flagged as the oracle flags them,
+    greedy rows follow torch.argmax, and clean rows beside bad ones still draw the exact race."""
+    if B == 1:
+        cases = [([p], [_BAD_SETTINGS[5]]) for p in _BAD_PATTERNS] + [([p], [_BAD_SETTINGS[0]]) for p in _BAD_PATTERNS[:3]]
+    else:  # every pattern under every setting (rows 60..63 repeat the first patterns, greedy)
+        rows = [(_BAD_PATTERNS[b % 10], _BAD_SETTINGS[(b // 10) % 6]) for b in range(B)]
+        cases = [([r[0] for r in rows], [r[1] for r in rows])]
+    seen = 0
+    for patterns, settings_rows in cases:
+        logits, settings = _bad_batch(B, patterns, settings_rows)
+        ws, checks = _guarded_workspace(B, _BAD_V)
+        out, out_check = _guard(torch.full((B,), -1, dtype=torch.int64, device=DEV))
+        status, status_check = _guard(torch.zeros(B, 2, dtype=torch.int32, device=DEV))
+        seed_t, step_t = _seed_step(1234, 7)
+        tokens = S.sample(logits, *settings, seed_t, step_t, out=out, workspace=ws, status=status)
+        flags = _check_bad_batch(logits, settings, tokens, status, 7, checks + [("out", out_check), ("status", status_check)])
+        path = ws["path"][:B].cpu()
+        sampling = settings[0].cpu() > 0
+        assert bool((((path & S.PATH_FLAGGED) != 0) == (sampling & (flags.cpu() != 0))).all()), path.tolist()
+        clean = torch.tensor([p == "clean" for p in patterns]) & sampling
+        if clean.any():
+            expected, _ = _expected_race(logits, settings, seed=1234, step=7)
+            assert torch.equal(tokens[clean.to(DEV)], expected[clean.to(DEV)])
+        seen += int(((flags != 0) & sampling.to(DEV)).sum())
+    assert seen >= (8 if B == 1 else 40)  # the patterns do reach the flags
+
+
+def test_status_keeps_the_first_bad_step_and_accumulates_bits():
+    """status[b, 1] is the step of the row's first bad step; later bad steps only OR their bits."""
+    B = 3
+    settings_rows = [_BAD_SETTINGS[3]] * B
+    ws = S.sampling_workspace(B, _BAD_V, DEV)
+    status = torch.zeros(B, 2, dtype=torch.int32, device=DEV)
+    first, settings = _bad_batch(B, ["nan_in_one_chunk", "clean", "clean"], settings_rows)
+    S.sample(first, *settings, *_seed_step(1, 4), workspace=ws, status=status)
+    second, _ = _bad_batch(B, ["pos_inf_some", "neg_inf_row", "clean"], settings_rows, seed=1)
+    S.sample(second, *settings, *_seed_step(1, 5), workspace=ws, status=status)
+    expected = [[S.STATUS_NAN | S.STATUS_POS_INF, 4], [S.STATUS_NO_TOKEN, 5], [0, 0]]
+    assert status.tolist() == expected
+    # The oracle keeps the same record.
+    ref_status = torch.zeros(B, 2, dtype=torch.int32, device=DEV)
+    reference.sample(first, *settings, status=ref_status, step=4)
+    reference.sample(second, *settings, status=ref_status, step=torch.tensor([5], device=DEV))
+    assert ref_status.tolist() == expected
+
+
+def test_reference_sample_flags_bad_rows_and_greedy_is_torch_argmax():
+    B = len(_BAD_PATTERNS)
+    logits, settings = _bad_batch(B, _BAD_PATTERNS, [_BAD_SETTINGS[5]] * B)
+    status = torch.zeros(B, 2, dtype=torch.int32, device=DEV)
+    tokens = reference.sample(logits, *settings, status=status, step=3)
+    _check_bad_batch(logits, settings, tokens, status, 3)
+    greedy = _settings(B, 0.0)
+    g_status = torch.zeros(B, 2, dtype=torch.int32, device=DEV)
+    assert torch.equal(reference.sample(logits, *greedy, status=g_status, step=3), logits.argmax(dim=-1))
+    assert not g_status.any()  # greedy rows are never flagged
+    nan_first = torch.tensor([[0.0, float("nan"), 5.0, float("nan")]], device=DEV)
+    assert int(S.sample(nan_first, *_settings(1, 0.0), *_seed_step(0, 0))[0]) == 1 == int(nan_first.argmax())
+    with pytest.raises(ValueError, match="status must be"):
+        S.sample(nan_first, *_settings(1, 1.0), *_seed_step(0, 0), status=torch.zeros(1, 3, dtype=torch.int32, device=DEV))
 
 
 # --------------------------------------------------------------------------------------------
