@@ -38,7 +38,12 @@ Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
   counter. The split that arrives last (counter == ``n_split - 1``) sums the partials in split
   order (deterministic whatever the arrival order), runs the epilogue, stores ``out`` and resets
   the counter to 0 for the next launch; the others store nothing. One launch, no zero-fill, no
-  second kernel. The release (barrier then the releasing atomic, as CUTLASS's semaphore does) and
+  second kernel. Self-healing: the counters are two rows ``(2, n_tiles)`` and consecutive launches
+  alternate rows (the row is a kernel argument; a captured launch keeps its own); the finisher
+  clears its tile's counter in *both* rows. A launch that never completes (programs that never
+  arrive) or launches racing on one workspace leave a stale count only in their own row: the next
+  launch counts in the other, clean row and its finisher clears the stale one, so every later
+  launch is exact (``k`` incomplete launches in a row cost at most ``k - 1`` wrong ones). The release (barrier then the releasing atomic, as CUTLASS's semaphore does) and
   the acquire (the atomic, then the partials loaded with ``.cg``, bypassing L1) make every
   partial visible to the finishing program.
 
@@ -67,7 +72,7 @@ before capture; the first eager call with the same shapes (the usual warm-up) re
 during capture whose key has no plan falls back to cuBLAS (with one warning) without caching
 that choice. The split-K workspace of a (shape, config) is allocated on its first eager launch and
 reused by every later launch and graph replay (launches on one stream are ordered, and each
-finishing program leaves its counter at 0); a split-K launch whose workspace does not exist yet
+finishing program leaves its counters at 0); a split-K launch whose workspace does not exist yet
 raises during capture instead of allocating inside the graph's private pool.
 
 Kernel count per transformer layer, decode (M = B <= 16), by construction
@@ -159,7 +164,7 @@ def _block_m(M: int) -> int:
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count_slot"])
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -170,6 +175,7 @@ def _gemv_kernel(
     ln_b_ptr,
     part_ptr,
     count_ptr,
+    count_slot,
     M,
     N,
     K,
@@ -290,7 +296,9 @@ def _gemv_kernel(
         tl.store(part_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :], acc, mask=mask_mn)
         # Every thread's partial stores happen before the one releasing atomic (CTA barrier).
         tl.debug_barrier()
-        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        # Counters: (2, n_tiles); this launch counts in row count_slot (launches alternate rows).
+        n_tiles = tl.num_programs(0)
+        arrived = tl.atomic_add(count_ptr + count_slot * n_tiles + pid_n, 1, sem="acq_rel", scope="gpu")
         last = arrived == n_split - 1
         mask_last = mask_mn & last
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -299,7 +307,11 @@ def _gemv_kernel(
             for j in tl.static_range(8):
                 p = part_ptr + ((s0 + j) * M + offs_m)[:, None] * N + offs_n[None, :]
                 acc += tl.load(p, mask=mask_last & (s0 + j < n_split), other=0.0, cache_modifier=".cg")
-        tl.store(count_ptr + pid_n, 0, mask=last)  # ready for the next launch / graph replay
+        # Clear both rows for the next launches: a launch that never completed (some programs never
+        # arrived) or two launches racing on the same counters left a stale count only in their
+        # own row, which the next launch does not use and whose finisher clears here.
+        tl.store(count_ptr + count_slot * n_tiles + pid_n, 0, mask=last)
+        tl.store(count_ptr + (1 - count_slot) * n_tiles + pid_n, 0, mask=last)
         mask_out = mask_last
     else:
         mask_out = mask_mn
@@ -371,7 +383,7 @@ _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 def workspace_for(M: int, N: int, config: GemvConfig, K: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """The split-K workspace a launch of ``config`` on an (M, N, K) problem uses.
 
-    ``(partials, counters)``: float32 ``(n_split, m_bucket(M), N)`` and int32 ``(n_tiles,)`` zeros,
+    ``(partials, counters)``: float32 ``(n_split, m_bucket(M), N)`` and int32 ``(2, n_tiles)`` zeros,
     allocated on first use and kept (and reused) for the life of the process, one per
     (device, N, tile, split, M bucket). Raises RuntimeError when it would have to be allocated
     during CUDA-graph capture.
@@ -390,10 +402,20 @@ def workspace_for(M: int, N: int, config: GemvConfig, K: int, device: torch.devi
             )
         ws = (
             torch.empty((n_split, rows, N), dtype=torch.float32, device=device),
-            torch.zeros((n_tiles,), dtype=torch.int32, device=device),
+            torch.zeros((2, n_tiles), dtype=torch.int32, device=device),
         )
         _WORKSPACES[key] = ws
     return ws
+
+
+_COUNT_SLOTS: dict[int, int] = {}  # counters' data_ptr -> the row the next launch counts in
+
+
+def _next_count_slot(counters: torch.Tensor) -> int:
+    """0, 1, 0, ... per workspace: the counter row of this launch (see the module docstring)."""
+    slot = _COUNT_SLOTS.get(counters.data_ptr(), 0)
+    _COUNT_SLOTS[counters.data_ptr()] = 1 - slot
+    return slot
 
 
 def m_bucket(M: int) -> int:
@@ -552,8 +574,10 @@ def linear(
         if n_split * m_bucket(M) * N > _INT32_MAX:
             raise ValueError(f"split-K partials of {n_split} x {M} x {N} exceed int32 indexing; use a smaller config.split_k")
         partials, counters = workspace_for(M, N, config, K, device)
+        count_slot = _next_count_slot(counters)
     else:
         partials = counters = out_rows  # unused (USE_SPLIT=False)
+        count_slot = 0
     has_ln = ln_weight is not None
     dot_precision, upcast_dot = _dot_flags(dtype)
     if not has_ln:
@@ -561,7 +585,7 @@ def linear(
 
     _gemv_kernel[(n_tiles, n_split)](
         x_rows, weight, bias if bias is not None else out_rows, res_rows, out_rows,
-        ln_weight, ln_bias, partials, counters,
+        ln_weight, ln_bias, partials, counters, count_slot,
         M, N, K, x_rows.stride(0), weight.stride(0), res_rows.stride(0), out_rows.stride(0),
         n_split, k_per_split, float(ln_eps),
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_RESIDUAL=residual is not None,

@@ -161,6 +161,45 @@ def test_split_k_sums_partials_and_resets_counters(M, K, split, gemv_launches):
     assert gemv_launches.launches == 3
 
 
+class _DroppedSplits:
+    """Stands in for the GEMV kernel: launches only the first ``n_split - drop`` splits of each tile,
+    as a launch whose last programs never arrived (killed, or racing another launch) leaves it."""
+
+    def __init__(self, kernel, drop):
+        self.kernel, self.drop = kernel, drop
+
+    def __getitem__(self, grid):
+        n_tiles, n_split = grid
+        return self.kernel[(n_tiles, n_split - self.drop)]
+
+
+@pytest.mark.parametrize("interrupted", [1, 2])
+def test_split_k_recovers_after_incomplete_launches(interrupted, monkeypatch):
+    """After ``interrupted`` launches in a row where some splits never arrived, the split-K
+    counters heal: at most ``interrupted - 1`` later launches are wrong, then every launch is exact
+    and the counters are back at 0 (the old protocol stayed wrong forever)."""
+    M, N, K, split = 1, 40, 256, 4
+    cfg = KL.GemvConfig(16, 64, 4, 1, split)
+    assert KL._effective_split(K, cfg.block_k, cfg.split_k)[0] == split
+    inp = make_inputs(M, N, K, torch.float32)
+    run_gemv(inp, None, cfg)  # the workspace exists and the counters are clean
+    _, counters = KL.workspace_for(M, N, cfg, K, DEVICE)
+    kernel = KL._gemv_kernel
+    monkeypatch.setattr(KL, "_gemv_kernel", _DroppedSplits(kernel, drop=1))
+    for _ in range(interrupted):
+        run_gemv(inp, None, cfg)
+    assert int(counters.abs().sum()) > 0  # the incomplete launches left stale counts
+    monkeypatch.setattr(KL, "_gemv_kernel", kernel)
+    results = []
+    for i in range(interrupted + 3):
+        x = dict(inp, x=inp["x"] * (i + 1))  # new inputs: a stale output cannot pass for a new one
+        out = run_gemv(x, None, cfg)
+        results.append(bool(torch.allclose(out.double(), reference64(x, None), rtol=1e-4, atol=1e-4)))
+    assert results.count(False) <= interrupted - 1, results
+    assert all(results[interrupted - 1:]), results  # exact from then on
+    assert int(counters.abs().sum()) == 0
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU: test_every_candidate_config_cuda (GPT-2 shapes)")
 @pytest.mark.parametrize(
     "M, tile", [(1, t) for t in KL.M1_TILES] + [(3, t) for t in KL.DOT_TILES], ids=lambda v: str(v)

@@ -778,8 +778,11 @@ PTR = {
     "temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr": "*fp32", "seed_ptr": "*i64",
     "cmax_ptr": "*fp32", "csum_ptr": "*fp32", "carg_ptr": "*i32", "ctheta_ptr": "*i32", "ccount_ptr": "*i32",
     "cgum_ptr": "*fp32", "cgidx_ptr": "*i32", "cval_ptr": "*fp32", "cidx_ptr": "*i32", "sval_ptr": "*fp32",
-    "sidx_ptr": "*i32", "path_ptr": "*i32", "out_ptr": "*i64",
+    "sidx_ptr": "*i32", "path_ptr": "*i32", "out_ptr": "*i64", "cflag_ptr": "*i32", "status_ptr": "*i32",
 }
+# Contiguous (B,) settings and out: the strides a real launch passes as 1 (Triton specialises an
+# int argument equal to 1 into a constexpr); the row stride is V, never 1 for a real vocabulary.
+UNIT_STRIDES = ("stride_temp", "stride_topk", "stride_topp", "stride_minp", "stride_out")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -800,9 +803,8 @@ for name, constexprs, num_warps, logit_dtype, step_dtype, ones in json.loads(sys
     kernel = getattr(S, name)
     ptr = dict(PTR, out_ptr="*fp32") if name == "_noise_kernel" else PTR  # the noise is float32
     signature = {}
-    if ones:  # Triton turns int arguments equal to 1 into constexprs (but not do_not_specialize ones)
-        constexprs = dict(constexprs, **{p.name: 1 for p in kernel.params if p.name not in constexprs
-                                         and not p.name.endswith("_ptr") and not p.do_not_specialize})
+    if ones:  # the unit strides of a real launch
+        constexprs = dict(constexprs, **{p.name: 1 for p in kernel.params if p.name in UNIT_STRIDES})
     for arg in kernel.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
@@ -826,9 +828,15 @@ def test_every_config_compiles_for_sm90():
     Runs in subprocesses without TRITON_INTERPRET: under the interpreter the kernels' helper
     functions are interpreter objects that the sm_90 compiler cannot inline.
     """
-    # fp32: generic int arguments; fp16: unit strides (as every launch with contiguous settings
-    # specialises them); bf16: unit strides and an int32 step.
-    variants = (("float32", "int64", False), ("float16", "int64", True), ("bfloat16", "int32", True))
+    # fp32 + unit strides + int64 step: what generate launches (contiguous settings, the model's
+    # float32 logits); fp32 with generic strides (expanded settings); fp16 / bf16 with unit
+    # strides, bf16 with an int32 step.
+    variants = (("float32", "int64", True), ("float32", "int64", False), ("float16", "int64", True),
+                ("bfloat16", "int32", True))
+    # The configurations real vocabularies select (GPT-2, LLaMA 3, Qwen 2) are all among them.
+    for V in (50257, 128256, 151936):
+        cfg = next(c for limit, c in S._GPU_CONFIGS if V <= limit)
+        assert ("_row_kernel", S._kernel_constexprs(cfg)[1], cfg.warps2) in S.SAMPLER_CONFIGS
     jobs = [(name, cx, warps, *v) for name, cx, warps in S.SAMPLER_CONFIGS for v in variants
             if name != "_noise_kernel"]
     # The noise kernel (gumbel_noise, which every CUDA test uses) reads no logits.
