@@ -126,17 +126,18 @@ _INT32_MAX = 2**31 - 1
 # --------------------------------------------------------------------------------------------
 #: Prefill configs for float16/bfloat16 (tensor-core dots). Kept short: the autotuner compiles
 #: every one of them for each (dtype, head_dim) it meets, at a few seconds each.
-#: 64x64 for short prompts (more programs), 128x64 with one or two warpgroups for long ones (two
-#: halve the per-thread accumulator, which matters at head_dim 128).
+#: 64x64 for short prompts (more programs), 128x64 with two warpgroups for long ones. 128x64 with
+#: one warpgroup spills registers at head_dim 128 (348+ B, ptxas sm_90): not listed.
 PREFILL_CONFIGS: list[dict] = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
 ]
 #: Prefill configs for float32 (IEEE FMA dots: small tiles, every operand lives in registers).
 #: float32 is the accuracy path, not a speed target: one config, so nothing is tuned or compiled twice.
+#: 32x16 with 8 warps is the largest tile without register spills at head_dim 128 (ptxas sm_90;
+#: 64x32 spilled 1.6 KB, 32x32 and 64x16 still ~100 B).
 PREFILL_CONFIGS_FP32: list[dict] = [
-    dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1),
 ]
 #: Decode split-kernel configs (BLOCK_N = keys per inner tile). The decode loop's loads do not
 #: feed a dot, so Triton does not software-pipeline them: memory parallelism comes from many

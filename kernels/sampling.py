@@ -221,7 +221,7 @@ class SamplerConfig:
 _GPU_CONFIGS = (
     (65536, SamplerConfig(tile=128, tiles=32, cands=256, chunk_pad=16, cap=2048, block=2048, draw=256, head=64,
                           sel_iters=12, warps1=8, warps2=8)),
-    (MAX_VOCAB, SamplerConfig(tile=128, tiles=32, cands=128, chunk_pad=64, cap=2048, block=2048, draw=256, head=64,
+    (MAX_VOCAB, SamplerConfig(tile=128, tiles=32, cands=64, chunk_pad=64, cap=2048, block=2048, draw=256, head=64,
                               sel_iters=12, warps1=8, warps2=8)),
 )
 

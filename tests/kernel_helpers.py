@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,3 +48,25 @@ def run_compile_workers(test_module: str, specs: list, n_workers: int = 2) -> li
         results += json.loads(stdout.strip().splitlines()[-1])
     assert len(results) == len(specs)
     return results
+
+
+def spill_bytes(cubin: bytes) -> int:
+    """Bytes of stack / local memory (register spills) ptxas gave a compiled sm_90 kernel.
+
+    Read with the ``cuobjdump`` Triton ships (``--dump-resource-usage``): Triton's own
+    ``n_spills`` metadata is filled only when a GPU driver loads the kernel. Raises when the tool
+    is missing, so a compile test never passes without having looked.
+    """
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        raise FileNotFoundError(f"{tool} is missing: cannot read register spills")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = dict(kv.split(":", 1) for line in out.splitlines() if "REG:" in line for kv in line.split() if ":" in kv)
+    if "REG" not in usage:
+        raise ValueError(f"no resource usage in cuobjdump's output:\n{out}")
+    return int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0))

@@ -29,7 +29,7 @@ import torch
 from fastgpt import reference
 from fastgpt.kv_cache import KVCache
 from fastgpt.kernels import attention as attn
-from tests.kernel_helpers import run_compile_workers
+from tests.kernel_helpers import run_compile_workers, spill_bytes
 from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
 
 HAS_CUDA = torch.cuda.is_available()
@@ -596,7 +596,8 @@ def _compile_worker() -> None:
         compiled = compile_for_hopper(kernel, signature, constexprs, cfg["num_warps"], cfg["num_stages"])
         ptx = compiled.asm["ptx"]
         results.append(
-            {"spec": [kind, dt, head_dim, cfg], "shared": compiled.metadata.shared, "mma": "mma" in ptx, "ptx_len": len(ptx)}
+            {"spec": [kind, dt, head_dim, cfg], "shared": compiled.metadata.shared, "mma": "mma" in ptx,
+             "ptx_len": len(ptx), "spills": spill_bytes(compiled.asm["cubin"])}
         )
     print(json.dumps(results))
 
@@ -620,6 +621,7 @@ def test_every_autotune_config_compiles_for_sm90_within_shared_memory():
     for r in results:
         kind, dt, head_dim, cfg = r["spec"]
         assert r["shared"] <= H100_SHARED_MEMORY_BYTES, f"{r['spec']} needs {r['shared']} B of shared memory"
+        assert r["spills"] == 0, f"{r['spec']} spills {r['spills']} B of registers to local memory"
         if kind == "prefill":
             # 16-bit dots must use the tensor cores; float32 must honour IEEE (no TF32 MMA).
             assert r["mma"] == (dt != "fp32"), r["spec"]

@@ -17,7 +17,7 @@ import torch
 
 from fastgpt import reference
 from fastgpt.kernels import layernorm as LN
-from tests.kernel_helpers import LaunchCounter, run_compile_workers
+from tests.kernel_helpers import LaunchCounter, run_compile_workers, spill_bytes
 from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +191,8 @@ def _compile_worker() -> None:
             for n in kernel.arg_names
         }
         compiled = compile_for_hopper(kernel, signature, constexprs, LN.layernorm_num_warps(block_c), 1)
-        results.append(dict(spec=[dt, block_c, residual], shared=compiled.metadata.shared))
+        results.append(dict(spec=[dt, block_c, residual], shared=compiled.metadata.shared,
+                            spills=spill_bytes(compiled.asm["cubin"])))
     print(json.dumps(results))
 
 
@@ -202,6 +203,7 @@ def test_kernel_compiles_for_sm90():
     assert [r["spec"] for r in results] == specs
     for r in results:
         assert r["shared"] <= H100_SHARED_MEMORY_BYTES, r
+        assert r["spills"] == 0, f"{r['spec']}: {r['spills']} B of register spills"
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 import fastgpt.backend as backend
 from fastgpt import GPT, GPTConfig, kernels_report, reference, reset_kernels_report
 from fastgpt.kernels import linear as KL
-from tests.kernel_helpers import LaunchCounter, run_compile_workers
+from tests.kernel_helpers import LaunchCounter, run_compile_workers, spill_bytes
 from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -607,6 +607,7 @@ def _compile_worker() -> None:
                 atoms=[lines[i].strip() for i in atom],
                 barrier_before_atom=bool(atom) and _barrier_between_stores_and(lines, atom[0]),
                 cg_loads="ld.global.cg" in ptx,
+                spills=spill_bytes(special.asm["cubin"]),
             )
         )
     print(json.dumps(results))
@@ -619,6 +620,7 @@ def test_every_config_compiles_for_sm90():
         spec = r["spec"]
         assert r["shared"] <= H100_SHARED_MEMORY_BYTES, f"{spec}: {r['shared']} B of shared memory"
         assert r["vector_loads"], f"{spec}: no 16-byte loads of W"
+        assert r["spills"] == 0, f"{spec}: {r['spills']} B of register spills"
         if spec["block_m"] == 16:
             assert r["mma"] == (spec["dtype"] != "fp32"), f"{spec}: half dots on tensor cores, fp32 IEEE"
         if spec["split"]:

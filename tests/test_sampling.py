@@ -768,11 +768,11 @@ def test_reference_sample_flags_bad_rows_and_greedy_is_torch_argmax():
 # sm_90 compilation of every kernel configuration
 # --------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
-import json, os, subprocess, sys, tempfile
+import json, sys
 import torch
-import triton
 from fastgpt.kernels import sampling as S
 from fastgpt.kernels.utils import compile_for_hopper, triton_dtype
+from tests.kernel_helpers import spill_bytes
 
 PTR = {
     "temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr": "*fp32", "seed_ptr": "*i64",
@@ -783,20 +783,6 @@ PTR = {
 # Contiguous (B,) settings and out: the strides a real launch passes as 1 (Triton specialises an
 # int argument equal to 1 into a constexpr); the row stride is V, never 1 for a real vocabulary.
 UNIT_STRIDES = ("stride_temp", "stride_topk", "stride_topp", "stride_minp", "stride_out")
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def spill_bytes(cubin):
-    # ptxas spills show as stack / local memory in the resource usage (None: no cuobjdump).
-    if not os.path.exists(CUOBJDUMP):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    usage = dict(kv.split(":") for line in out.splitlines() if "REG:" in line for kv in line.split() if ":" in kv)
-    return int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0))
-
 
 results = []
 for name, constexprs, num_warps, logit_dtype, step_dtype, ones in json.loads(sys.argv[1]):
@@ -857,7 +843,7 @@ def test_every_config_compiles_for_sm90():
         assert proc.returncode == 0, stderr[-4000:]
         for job, (shared, spills) in zip(half, json.loads(stdout.strip().splitlines()[-1])):
             assert shared <= H100_SHARED_MEMORY_BYTES, (job, shared)
-            assert not spills, f"{spills} bytes of register spills (stack/local memory) in {job}"
+            assert spills == 0, f"{spills} bytes of register spills (stack/local memory) in {job}"
 
 
 def test_configs_cover_every_vocab():
