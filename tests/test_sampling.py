@@ -771,6 +771,7 @@ _COMPILE_SCRIPT = r"""
 import json, sys
 import torch
 from fastgpt.kernels import sampling as S
+from fastgpt.kernels import sampling_noise as N
 from fastgpt.kernels.utils import compile_for_hopper, triton_dtype
 from tests.kernel_helpers import spill_bytes
 
@@ -786,7 +787,7 @@ UNIT_STRIDES = ("stride_temp", "stride_topk", "stride_topp", "stride_minp", "str
 
 results = []
 for name, constexprs, num_warps, logit_dtype, step_dtype, ones in json.loads(sys.argv[1]):
-    kernel = getattr(S, name)
+    kernel = getattr(S if hasattr(S, name) else N, name)
     ptr = dict(PTR, out_ptr="*fp32") if name == "_noise_kernel" else PTR  # the noise is float32
     signature = {}
     if ones:  # the unit strides of a real launch
