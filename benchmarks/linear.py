@@ -84,6 +84,7 @@ def _graph_us(fn, n_calls: int) -> float:
 
 def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16) -> dict:
     import fastgpt.kernels.linear as KL
+    import fastgpt.kernels.linear_plan as LP
 
     dev = torch.device("cuda")
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20) or 50 * 2**20
@@ -105,9 +106,9 @@ def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16) 
         config = KL.default_config(M, N, K, dev)
         chosen = None
     else:
-        chosen = KL.plan(x, weights[0], bias, **fused_kwargs)
+        chosen = LP.plan(x, weights[0], bias, **fused_kwargs)
         config = chosen.config or KL.default_config(M, N, K, dev)
-    gemv_config = KL.default_config(M, N, K, dev) if quick else KL.plan(x, weights[0], bias_or_zero).config
+    gemv_config = KL.default_config(M, N, K, dev) if quick else LP.plan(x, weights[0], bias_or_zero).config
     gemv_config = gemv_config or KL.default_config(M, N, K, dev)
 
     times = {

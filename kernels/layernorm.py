@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_tensor, triton_usable_on
+from .utils import check_tensor, note_launch, triton_usable_on
 
 __all__ = ["MAX_C", "add_layernorm", "layernorm_num_warps"]
 
@@ -223,4 +223,5 @@ def add_layernorm(
             HAS_RESIDUAL=residual is not None, BLOCK_C=block_c,
             num_warps=layernorm_num_warps(block_c),
         )  # fmt: skip
+    note_launch("layernorm", "triton", residual=residual is not None)
     return out, (residual_out if residual is not None else x)

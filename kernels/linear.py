@@ -1,5 +1,5 @@
 """Skinny matmul (GEMV) for decode-sized batches, with a fused LayerNorm prologue and fused bias,
-GELU and residual epilogues (Triton), and the per-shape choice between it and cuBLAS.
+GELU and residual epilogues (Triton), and the same op on cuBLAS (:func:`cublas_linear`).
 
 Maths
 -----
@@ -47,30 +47,9 @@ Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
   the acquire (the atomic, then the partials loaded with ``.cg``, bypassing L1) make every
   partial visible to the finishing program.
 
-Per-shape choice (:func:`plan`)
--------------------------------
-``plan(...)`` returns a :class:`LinearPlan`: ``"triton"`` (this GEMV, with a tile config) or
-``"cublas"`` (:func:`cublas_linear`: ``F.linear``/``addmm`` with the LayerNorm as one
-:func:`kernels.layernorm.add_layernorm` launch before it and the activation / residual as torch
-ops after it). Plans are cached per ``(device, dtype, N, K, M bucket, epilogue)`` with M buckets
-1, 2, 4, 8, 16:
+The choice between this GEMV and :func:`cublas_linear` per shape is :mod:`fastgpt.kernels.linear_plan`.
 
-* ``M > GEMV_MAX_M`` (prefill): always cuBLAS (compute-bound, cuBLAS is the right tool).
-* CPU (the Triton interpreter): the GEMV with the default config, so the tests exercise it.
-* CUDA: on the first eager call for a key, the candidate configs (:func:`candidate_configs`: two
-  tiles at the heuristic split by default) and the cuBLAS path are run on the call's own tensors,
-  checked against each other (a Triton config whose result disagrees with cuBLAS is discarded
-  with a warning) and timed with L2 flushed between repetitions (in a decode step every weight
-  comes from HBM; the flush buffer, 2 x L2, exists only during the measurement); the fastest
-  wins and is kept for the life of the process (:func:`plans` lists them, :func:`clear_plans`
-  forgets them). This takes ~0.1 s plus Triton's compile time (~1 s per new config) per key, once.
-* ``FASTGPT_LINEAR``: ``auto`` (default) measures as above, ``tune`` measures every tile at two
-  splits, ``triton`` / ``cublas`` force one side without measuring.
-
-CUDA graphs: the measurement launches kernels, allocates and synchronises, so it must happen
-before capture; the first eager call with the same shapes (the usual warm-up) resolves it. A call
-during capture whose key has no plan falls back to cuBLAS (with one warning) without caching
-that choice. The split-K workspace of a (shape, config) is allocated on its first eager launch and
+CUDA graphs: the split-K workspace of a (shape, config) is allocated on its first eager launch and
 reused by every later launch and graph replay (launches on one stream are ordered, and each
 finishing program leaves its counters at 0); a split-K launch whose workspace does not exist yet
 raises during capture instead of allocating inside the graph's private pool.
@@ -88,16 +67,16 @@ into the next LayerNorm, which becomes an add + LayerNorm launch); see ``fastgpt
 
 from __future__ import annotations
 
-import os
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from fastgpt.reference import LINEAR_ACTIVATIONS
+
 from .layernorm import add_layernorm, as_rows, check_no_partial_overlap, check_rows_disjoint
-from .utils import check_tensor, interpreting, triton_usable_on
+from .utils import check_tensor, interpreting, note_launch, triton_usable_on
 
 __all__ = [
     "GEMV_MAX_M",
@@ -105,14 +84,10 @@ __all__ = [
     "GemvConfig",
     "M1_TILES",
     "DOT_TILES",
-    "LinearPlan",
     "linear",
     "cublas_linear",
     "default_config",
     "candidate_configs",
-    "plan",
-    "plans",
-    "clear_plans",
     "workspace_for",
     "m_bucket",
 ]
@@ -120,8 +95,9 @@ __all__ = [
 #: The most rows (B*T) the GEMV kernel takes; larger M is a GEMM (prefill) and goes to cuBLAS.
 GEMV_MAX_M = 16
 
-#: Activation name -> the kernel's ACTIVATION code (names as in fastgpt.reference.LINEAR_ACTIVATIONS).
-ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2}
+#: Activation name -> the kernel's ACTIVATION code: the names of the one table,
+#: :data:`fastgpt.reference.LINEAR_ACTIVATIONS` (name -> ``F.gelu``'s ``approximate``).
+ACTIVATIONS = {None: 0, **{name: {"tanh": 1, "none": 2}[approx] for name, approx in LINEAR_ACTIVATIONS.items()}}
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
@@ -559,7 +535,7 @@ def linear(
     if not 1 <= M <= GEMV_MAX_M:
         raise ValueError(
             f"x has M={M} rows (the product of its leading dims); the GEMV kernel takes 1 <= M <= {GEMV_MAX_M}. "
-            "Use cublas_linear (or plan()) for larger M"
+            "Use cublas_linear (or linear_plan.plan()) for larger M"
         )
     out = _check_out(out, x, N, dtype, device, residual, weight)
     if config is None:
@@ -594,15 +570,13 @@ def linear(
         DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
+    note_launch("linear", "triton", config=config, n_split=n_split)
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # The cuBLAS side of the choice
 # --------------------------------------------------------------------------------------------
-_GELU_APPROX = {"gelu_tanh": "tanh", "gelu": "none"}
-
-
 def cublas_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -634,157 +608,8 @@ def cublas_linear(
     else:
         torch.mm(x_rows, weight.t(), out=out_rows)
     if activation is not None:
-        torch.ops.aten.gelu_(out_rows, approximate=_GELU_APPROX[activation])
+        torch.ops.aten.gelu_(out_rows, approximate=LINEAR_ACTIVATIONS[activation])
     if residual is not None:
         out_rows.add_(as_rows(residual, "residual"))
+    note_launch("linear", "cublas", layernorm=ln_weight is not None)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# The per-shape choice
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LinearPlan:
-    """How one (shape, dtype, epilogue) runs: ``impl`` ``"triton"`` (with ``config``) or ``"cublas"``."""
-
-    impl: str
-    config: GemvConfig | None
-    reason: str
-    #: Median microseconds per candidate (``"cublas"`` and ``str(config)``), when measured.
-    times_us: dict = field(default_factory=dict, compare=False)
-
-
-_PLANS: dict[tuple, LinearPlan] = {}
-_warned_capture = False
-
-
-def _forced() -> str:
-    choice = os.environ.get("FASTGPT_LINEAR", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "tune", "triton", "cublas"):
-        raise ValueError(f"FASTGPT_LINEAR must be one of auto, tune, triton, cublas; got {choice!r}")
-    return choice
-
-
-def plan(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    activation: str | None = None,
-    residual: torch.Tensor | None = None,
-    ln_weight: torch.Tensor | None = None,
-    ln_bias: torch.Tensor | None = None,
-    ln_eps: float = 1e-5,
-) -> LinearPlan:
-    """The implementation this op should use, measured once per key on CUDA (see the module doc).
-
-    The arguments are those of the call about to be made (the measurement runs on them; nothing is
-    written to them).
-    """
-    M = x.numel() // max(1, x.shape[-1])
-    N, K = weight.shape
-    if M > GEMV_MAX_M or M < 1:
-        return LinearPlan("cublas", None, f"M={M} > {GEMV_MAX_M}: GEMM")
-    forced = _forced()
-    if forced == "cublas":
-        return LinearPlan("cublas", None, "FASTGPT_LINEAR=cublas")
-    if forced == "triton" or x.device.type != "cuda":
-        reason = "FASTGPT_LINEAR=triton" if forced == "triton" else "interpreter: default config"
-        return LinearPlan("triton", default_config(M, N, K, x.device), reason)
-    key = (
-        x.device, x.dtype, N, K, m_bucket(M),
-        bias is not None, activation, residual is not None, ln_weight is not None,
-    )  # fmt: skip
-    found = _PLANS.get(key)
-    if found is not None:
-        return found
-    if torch.cuda.is_current_stream_capturing():
-        global _warned_capture
-        if not _warned_capture:
-            warnings.warn(
-                "kernels.linear: first use of a linear shape during CUDA-graph capture; using cuBLAS for it. "
-                "Run the step once eagerly before capturing so that the faster kernel is measured and chosen.",
-                stacklevel=2,
-            )
-            _warned_capture = True
-        return LinearPlan("cublas", None, "unmeasured during capture")
-    found = _measure(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, exhaustive=forced == "tune")
-    _PLANS[key] = found
-    return found
-
-
-def plans() -> dict[tuple, LinearPlan]:
-    """Every measured plan: ``{(device, dtype, N, K, m_bucket, bias, activation, residual, ln): plan}``."""
-    return dict(_PLANS)
-
-
-def clear_plans() -> None:
-    """Forget the measured plans (the next call of each shape measures again)."""
-    _PLANS.clear()
-
-
-#: Relative error (Frobenius) above which a Triton config is taken to disagree with cuBLAS. Loose
-#: enough for a TF32 cuBLAS (torch.backends.cuda.matmul.allow_tf32) and half-precision rounding; a
-#: wrong kernel is off by O(1).
-_SELF_CHECK_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-_MEASURE_REPS = 15
-
-
-def _measure(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, *, exhaustive=False) -> LinearPlan:
-    """Time cuBLAS against every candidate config on these tensors; check them against each other."""
-    device = x.device
-    M = x.numel() // x.shape[-1]
-    N, K = weight.shape
-    kwargs = dict(activation=activation, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps)
-    shape = (*x.shape[:-1], N)
-    ref = torch.empty(shape, dtype=x.dtype, device=device)
-    cublas_linear(x, weight, bias, out=ref, **kwargs)
-    candidates = {"cublas": lambda o: cublas_linear(x, weight, bias, out=o, **kwargs)}
-    scale = ref.float().norm().item()
-    configs = candidate_configs(M, N, K, device, exhaustive=exhaustive)
-    for cfg in configs:
-        got = torch.empty(shape, dtype=x.dtype, device=device)
-        try:
-            linear(x, weight, bias, out=got, config=cfg, **kwargs)  # compiles; allocates its workspace
-            torch.cuda.synchronize(device)
-        except Exception as exc:  # a config the compiler or the device rejects is skipped, not fatal
-            warnings.warn(f"kernels.linear: config {cfg} failed for N={N} K={K} M={M}: {exc!r}; skipped", stacklevel=3)
-            continue
-        err = (got.float() - ref.float()).norm().item() / max(scale, 1e-30)
-        if not err <= _SELF_CHECK_TOL[x.dtype]:  # also catches NaN
-            warnings.warn(
-                f"kernels.linear: config {cfg} disagrees with cuBLAS for N={N} K={K} M={M} "
-                f"(relative error {err:.2e}); not used",
-                stacklevel=3,
-            )
-            continue
-        candidates[str(cfg)] = lambda o, cfg=cfg: linear(x, weight, bias, out=o, config=cfg, **kwargs)
-    if len(candidates) == 1:
-        return LinearPlan("cublas", None, "no Triton config passed the self-check")
-
-    # Time with L2 flushed before each repetition: in a decode step each weight comes from HBM.
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20) or 50 * 2**20
-    flush = torch.empty(min(2 * l2, 256 * 2**20) // 4, dtype=torch.float32, device=device)
-    outs = {name: torch.empty(shape, dtype=x.dtype, device=device) for name in candidates}
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    events = []
-    for _ in range(_MEASURE_REPS):
-        for name, fn in candidates.items():  # interleaved, so drift hits every candidate alike
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(outs[name])
-            end.record()
-            events.append((name, start, end))
-    torch.cuda.synchronize(device)
-    for name, start, end in events:
-        samples[name].append(start.elapsed_time(end) * 1e3)
-    del flush
-    times = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
-    best = min(times, key=times.get)
-    summary = ", ".join(f"{n}: {t:.1f} us" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
-    if best == "cublas":
-        return LinearPlan("cublas", None, f"measured ({summary})", times)
-    cfg = next(c for c in configs if str(c) == best)
-    return LinearPlan("triton", cfg, f"measured ({summary})", times)
-

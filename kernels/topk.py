@@ -22,40 +22,47 @@ caching allocator: CUDA-graph capturable. A fake (meta) implementation is regist
 Build and fallback
 ------------------
 :func:`load_extension` builds the extension on first use with
-``torch.utils.cpp_extension.load`` into ``~/.cache/fastgpt/ext-<torch>-<cuda|cpu>`` (override the
-root with ``$FASTGPT_EXT_CACHE``); the CUDA source is compiled only when PyTorch sees a GPU and a
-CUDA toolkit. When the build is impossible (no compiler, no ninja, a compile error) :func:`topk`
-falls back to :func:`fastgpt.reference.topk` (a stable ``torch.sort``: same results, slower) after
-ONE warning per process. :func:`topk_backend` says which path a device gets; :func:`last_backend`
-which one the last call used.
+``torch.utils.cpp_extension.load`` into ``$FASTGPT_CACHE_DIR/torch_extensions/fastgpt_ops-<torch>-<cuda|cpu>``
+(``FASTGPT_CACHE_DIR`` defaults to ``~/.cache/fastgpt``); ``python -m fastgpt.kernels.topk
+--rebuild`` deletes that folder and builds again. The CUDA source is compiled only when PyTorch
+sees a GPU and a CUDA toolkit. The sources are ``csrc/`` beside ``kernels/`` in a source tree, and
+``fastgpt/csrc/`` (package data) in an installed fastgpt: the same path relative to this file.
+When the build is impossible (no compiler, no ninja, a compile error, the sources missing)
+:func:`topk` falls back to :func:`fastgpt.reference.topk` (a stable ``torch.sort``: same results,
+slower) after ONE warning per process that says why. :func:`topk_backend` says which path a device
+gets; ``launch_record()["topk"]`` (:mod:`fastgpt.kernels.utils`) which one the last call used.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import operator
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 from fastgpt import reference
-from .utils import check_tensor
+from .utils import check_tensor, note_launch
 
 __all__ = [
     "topk",
     "load_extension",
     "extension_available",
     "topk_backend",
-    "last_backend",
+    "build_dir",
     "nvcc_flags",
     "SMALL_K_MAX",
 ]
 
-_REPO = Path(__file__).resolve().parent.parent
-CSRC = _REPO / "csrc"
+#: The C++/CUDA sources: <tree>/csrc beside <tree>/kernels, or <site-packages>/fastgpt/csrc beside
+#: <site-packages>/fastgpt/kernels once installed (pyproject.toml ships them as package data).
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_SOURCES = ("ops.cpp", "topk.cu", "topk_checks.h", "topk_keys.h")
 _EXT_NAME = "fastgpt_ops"
 _OP_NAME = "fastgpt::topk"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,7 +75,8 @@ CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute
 _warned = False  # the fallback warning is issued once per process
 _fake_registered = False
 _kernel_devices: frozenset[str] = frozenset()  # device types with a loaded fastgpt::topk kernel
-_last_backend: str | None = None
+#: topk_backend()'s names -> the impl noted in the launch record (contract C2).
+_IMPL = {"cuda-ext": "cuda", "cpu-ext": "cpu-op", "torch-fallback": "torch"}
 
 
 def _warn_fallback(reason: str) -> None:
@@ -95,10 +103,11 @@ def _cuda_toolkit_found() -> bool:
     return shutil.which("nvcc") is not None
 
 
-def _build_dir(with_cuda: bool) -> Path:
-    root = Path(os.environ.get("FASTGPT_EXT_CACHE", Path.home() / ".cache" / "fastgpt"))
+def build_dir(with_cuda: bool) -> Path:
+    """``$FASTGPT_CACHE_DIR/torch_extensions/fastgpt_ops-<torch>-<cuda|cpu>`` (default root ``~/.cache/fastgpt``)."""
+    root = Path(os.environ.get("FASTGPT_CACHE_DIR") or Path.home() / ".cache" / "fastgpt")
     version = torch.__version__.replace("+", "_")
-    return root / f"ext-{version}-{'cuda' if with_cuda else 'cpu'}"
+    return root / "torch_extensions" / f"{_EXT_NAME}-{version}-{'cuda' if with_cuda else 'cpu'}"
 
 
 def nvcc_flags() -> list[str]:
@@ -110,13 +119,19 @@ def nvcc_flags() -> list[str]:
 def _build(with_cuda: bool) -> None:
     from torch.utils import cpp_extension
 
+    missing = [name for name in _SOURCES if not (CSRC / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the extension's sources {missing} are not in {CSRC} (a fastgpt installed without its csrc "
+            "package data?)"
+        )
     sources = [str(CSRC / "ops.cpp")] + ([str(CSRC / "topk.cu")] if with_cuda else [])
-    build_dir = _build_dir(with_cuda)
-    build_dir.mkdir(parents=True, exist_ok=True)
+    folder = build_dir(with_cuda)
+    folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=_EXT_NAME,
         sources=sources,
-        build_directory=str(build_dir),
+        build_directory=str(folder),
         extra_cflags=["-O3"],
         extra_cuda_cflags=nvcc_flags(),
         extra_include_paths=[str(CSRC)],
@@ -199,11 +214,6 @@ def topk_backend(device: torch.device | str) -> str:
     return "torch-fallback"
 
 
-def last_backend() -> str | None:
-    """The path taken by the last eager :func:`topk` call (None before the first)."""
-    return _last_backend
-
-
 def _check_args(x: object, k: object) -> int:
     check_tensor(x, "x", ndim=2, dtypes=_DTYPES)
     if x.device.type not in ("cpu", "cuda"):
@@ -260,7 +270,6 @@ def topk(
     TypeError / ValueError
         naming the argument, before any kernel runs.
     """
-    global _last_backend
     k = _check_args(x, k)
     if torch.compiler.is_compiling():
         # Traced by torch.compile: no build, no Python state; the op (and its fake) must have been
@@ -276,8 +285,31 @@ def topk(
             values, indices = values.contiguous(), indices.contiguous()
         else:
             values, indices = torch.ops.fastgpt.topk(x, k)
-        _last_backend = backend
+        note_launch("topk", _IMPL[backend], backend=backend)
     if out is not None:
         return _write_out(out, values, indices)
     return values, indices
 
+
+def rebuild() -> bool:
+    """Delete this machine's build folders of the extension, then build and load it again."""
+    for with_cuda in (False, True):
+        shutil.rmtree(build_dir(with_cuda), ignore_errors=True)
+    load_extension.cache_clear()
+    return load_extension()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastgpt.kernels.topk [--rebuild]``: build (or rebuild) the extension, say what loaded."""
+    parser = argparse.ArgumentParser(prog="python -m fastgpt.kernels.topk", description=main.__doc__)
+    parser.add_argument("--rebuild", action="store_true", help="delete the build folder first, then build")
+    args = parser.parse_args(argv)
+    ok = rebuild() if args.rebuild else load_extension()
+    print(f"fastgpt_ops sources: {CSRC}")
+    print(f"build folder: {build_dir(_cuda_toolkit_found())}")
+    print(f"cpu: {topk_backend('cpu')}; cuda: {topk_backend('cuda') if torch.cuda.is_available() else 'no GPU'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,9 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import warnings
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import torch
 
 from fastgpt.reference import topk as reference_topk
 from fastgpt.kernels import topk as topk_mod
+from fastgpt.kernels.utils import launch_record
 
 REPO = Path(__file__).resolve().parent.parent
 EMU_DIR = REPO / "tests" / "topk_emu"
@@ -116,7 +119,7 @@ def test_cpu_matches_reference(ext, n, dtype):
             ref = reference_topk(x, n)
             for k in k_values(n):
                 values, indices = ext.topk(x, k)
-                assert ext.last_backend() == "cpu-ext"
+                assert launch_record()["topk"]["impl"] == "cpu-op"
                 assert_topk_equal(x, k, values, indices, ref)
 
 
@@ -225,7 +228,7 @@ def test_fallback_warns_once(ext, monkeypatch):
             assert not topk_mod.extension_available("cpu")
             for k in (1, 17, 500):
                 values, indices = topk_mod.topk(x, k)
-                assert topk_mod.last_backend() == "torch-fallback"
+                assert launch_record()["topk"]["impl"] == "torch"
                 assert_topk_equal(x, k, values, indices)
                 assert values.is_contiguous() and indices.is_contiguous()
             topk_mod.load_extension()
@@ -446,7 +449,7 @@ def test_cuda_backend_is_the_extension(ext):
     assert ext.extension_available("cuda")
     x = torch.randn(2, 1000, device="cuda")
     values, indices = ext.topk(x, 10)
-    assert ext.last_backend() == "cuda-ext"
+    assert launch_record()["topk"]["impl"] == "cuda"
     assert values.is_cuda and indices.is_cuda
 
 
@@ -583,3 +586,71 @@ def test_cuda_op_checks(ext):
     with pytest.raises(ValueError, match="k must be in"):
         ext.topk(torch.randn(2, 10, device="cuda"), 0)
     torch.cuda.synchronize()  # no asynchronous error was left behind
+
+
+# --------------------------------------------------------------------------------------------
+# Build folder, --rebuild, installed sources (contract C3)
+# --------------------------------------------------------------------------------------------
+def test_build_folder_is_under_fastgpt_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path))
+    version = torch.__version__.replace("+", "_")
+    assert topk_mod.build_dir(False) == tmp_path / "torch_extensions" / f"fastgpt_ops-{version}-cpu"
+    assert topk_mod.build_dir(True) == tmp_path / "torch_extensions" / f"fastgpt_ops-{version}-cuda"
+    monkeypatch.delenv("FASTGPT_CACHE_DIR")
+    assert topk_mod.build_dir(False).parent == Path.home() / ".cache" / "fastgpt" / "torch_extensions"
+
+
+def test_rebuild_deletes_the_build_folder_then_builds(ext, monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path))
+    stale = topk_mod.build_dir(False) / "stale.o"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("left over")
+    builds = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: builds.append(kw["build_directory"]))
+    try:
+        assert topk_mod.main(["--rebuild"]) == 0  # the op stays registered from the real build
+        assert not stale.exists()
+        assert builds and builds[-1] == str(topk_mod.build_dir(topk_mod._cuda_toolkit_found()))
+    finally:
+        topk_mod.load_extension.cache_clear()
+
+
+def test_missing_sources_fall_back_with_one_clear_warning(ext, monkeypatch, tmp_path):
+    monkeypatch.setattr(topk_mod, "CSRC", tmp_path)  # an install without the csrc package data
+    monkeypatch.setattr(topk_mod, "_warned", False)
+    monkeypatch.setattr(topk_mod, "_kernel_devices", frozenset())
+    topk_mod.load_extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="sources .* are not in .*package data"):
+            assert not topk_mod.load_extension()
+        x = make_rows(2, 100, torch.float32, "special", seed=2)
+        assert_topk_equal(x, 7, *topk_mod.topk(x, 7))
+        assert launch_record()["topk"]["impl"] == "torch"
+    finally:
+        topk_mod.load_extension.cache_clear()
+    monkeypatch.undo()
+    assert topk_mod.topk_backend("cpu") == "cpu-ext"
+
+
+def test_installed_wheel_ships_the_sources(tmp_path):
+    """A non-editable install finds csrc/ as package data at the path topk.py looks in."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for folder in ("fastgpt", "kernels", "csrc"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir),
+                    str(src)], check=True, capture_output=True, timeout=300)
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next(wheel_dir.glob("*.whl"))) as whl:
+        whl.extractall(site)
+    code = ("import fastgpt.kernels.topk as t; "
+            "print(t.CSRC); assert all((t.CSRC / n).is_file() for n in t._SOURCES), t.CSRC")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(site / "fastgpt" / "csrc")

@@ -1,0 +1,158 @@
+"""Shared helpers of the attention kernel tests (test_attention_prefill.py, test_attention_decode.py).
+
+Tolerances (never loosened to get green; derived from the output dtype's rounding):
+* float32 (IEEE dots, no TF32): relative error ||out - ref|| / ||ref|| < 1e-3 and
+  |out - ref| <= 1e-4 + 1e-3 |ref| elementwise.
+* float16: relative < 1e-2, elementwise 2e-3 + 5e-3 |ref| (half an fp16 ulp is 2^-11 |x|).
+* bfloat16: relative < 1e-2, elementwise 1e-2 + 1.6e-2 |ref| (half a bf16 ulp is 2^-8 |x| = 0.0039 |x|,
+  plus the bf16 rounding of the softmax weights before the P @ V product).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+
+import pytest
+import torch
+
+from fastgpt import reference
+from fastgpt.kernels import attention_decode as AD
+from fastgpt.kernels import attention_prefill as AP
+from tests.kernel_helpers import spill_bytes
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DTYPES = [F32, F16, BF16]
+#: dtype -> (relative-norm tolerance, atol, rtol)
+TOL = {F32: (1e-3, 1e-4, 1e-3), F16: (1e-2, 2e-3, 5e-3), BF16: (1e-2, 1e-2, 1.6e-2)}
+
+#: Every attention kernel, by name -> the module that holds it.
+KERNELS = {"_prefill_kernel": AP, "_decode_split_kernel": AD, "_decode_combine_kernel": AD}
+
+
+def cuda_case(*values):
+    return pytest.param(*values, marks=pytest.mark.cuda)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def launches(monkeypatch):
+    """Count the launches of each attention kernel (wraps the kernels' ``run``)."""
+    counts = collections.Counter()
+    for name, module in KERNELS.items():
+        kernel = getattr(module, name)
+        original = kernel.run
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    return counts
+
+
+def fused_qkv(B: int, T: int, H: int, D: int, dtype, device=DEVICE, scale: float = 1.0):
+    """q, k, v (B, T, H, D) as the model makes them: views of one fused (B, T, 3*H*D) projection."""
+    qkv = (torch.randn(B, T, 3 * H * D, device=device, dtype=torch.float32) * scale).to(dtype)
+    q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
+    assert q.stride(1) == 3 * H * D and q.stride(-1) == 1  # row stride 3C: not contiguous
+    return q, k, v
+
+
+def make_row_start(B: int, T: int, pad: bool, device=DEVICE) -> torch.Tensor:
+    """Left padding per row: row 0 none, row 1 a few pads crossing a block, row 2 pads everything."""
+    if not pad:
+        return torch.zeros(B, dtype=torch.int32, device=device)
+    choices = [0, min(T - 1, T // 2 + 3), T][:B] if B > 1 else [T // 3]
+    choices += [(5 * b) % (T + 1) for b in range(len(choices), B)]
+    return torch.tensor(choices, dtype=torch.int32, device=device)
+
+
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype, what: str = "") -> None:
+    rel_tol, atol, rtol = TOL[dtype]
+    out64 = out.double()
+    assert torch.isfinite(out64).all(), f"{what}: non-finite output (unwritten or NaN) at {(~torch.isfinite(out64)).nonzero()[:5].tolist()}"
+    err = (out64 - ref).abs()
+    ref_norm = ref.norm().item()
+    if ref_norm > 0:
+        rel = (out64 - ref).norm().item() / ref_norm
+        assert rel < rel_tol, f"{what}: relative error {rel:.3e} >= {rel_tol}"
+    excess = err - (atol + rtol * ref.abs())
+    worst = excess.argmax()
+    assert excess.max().item() <= 0, (
+        f"{what}: |out - ref| = {err.flatten()[worst].item():.3e} > {atol} + {rtol}|ref| "
+        f"at flat index {worst.item()} (ref {ref.flatten()[worst].item():.4f})"
+    )
+
+
+def prefill_reference(q, k, v, S_max: int, row_start) -> torch.Tensor:
+    B, T, H, D = q.shape
+    kc = torch.zeros(B, H, S_max, D, dtype=torch.float64, device=q.device)
+    vc = torch.zeros_like(kc)
+    return reference.attention(q.double(), k.double(), v.double(), kc, vc, 0, row_start)
+
+
+# --------------------------------------------------------------------------------------------
+# sm_90 compilation (subprocess workers, see tests.kernel_helpers.run_compile_workers)
+# --------------------------------------------------------------------------------------------
+_POINTER_TYPES = {"rs_ptr": "*i32", "pos_ptr": "*i32", "o_part_ptr": "*fp32", "m_part_ptr": "*fp32", "l_part_ptr": "*fp32"}
+
+
+def _compile_worker() -> None:
+    """Subprocess entry: compile the specs read as JSON from stdin for sm_90, print JSON results.
+
+    Runs without TRITON_INTERPRET so that the kernels and their @triton.jit helpers are real
+    JITFunctions (the interpreter's wrappers cannot be compiled).
+    """
+    from fastgpt.kernels.utils import compile_for_hopper
+
+    kernels = {"prefill": AP._prefill_kernel, "decode": AD._decode_split_kernel, "combine": AD._decode_combine_kernel}
+    results = []
+    for kind, dt, head_dim, cfg in json.loads(sys.stdin.read()):
+        kernel = kernels[kind]
+        meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        constexprs = {"HEAD_DIM": head_dim, **meta}
+        if kind == "prefill":
+            constexprs.update(IEEE=dt == "fp32", UPCAST=False)
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = _POINTER_TYPES.get(name, "*" + dt)
+            elif name == "qk_scale":
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+        compiled = compile_for_hopper(kernel, signature, constexprs, cfg["num_warps"], cfg["num_stages"])
+        ptx = compiled.asm["ptx"]
+        results.append(
+            {"spec": [kind, dt, head_dim, cfg], "shared": compiled.metadata.shared, "mma": "mma" in ptx,
+             "ptx_len": len(ptx), "spills": spill_bytes(compiled.asm["cubin"])}
+        )
+    print(json.dumps(results))
+
+
+
+
+def check_compiled(results) -> None:
+    """Shared memory within an H100's, 16-bit prefill dots on tensor cores, float32 IEEE, no spills."""
+    from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
+
+    for r in results:
+        kind, dt, head_dim, cfg = r["spec"]
+        assert r["shared"] <= H100_SHARED_MEMORY_BYTES, f"{r['spec']} needs {r['shared']} B of shared memory"
+        assert r["spills"] == 0, f"{r['spec']} spills {r['spills']} B of registers to local memory"
+        if kind == "prefill":
+            # 16-bit dots must use the tensor cores; float32 must honour IEEE (no TF32 MMA).
+            assert r["mma"] == (dt != "fp32"), r["spec"]
