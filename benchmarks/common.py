@@ -11,7 +11,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -76,29 +78,100 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
-def cuda_time_ms(fn, *, warmup: int = 10, iters: int = 50) -> float:
-    """Median milliseconds of ``fn()`` on the GPU, timed with CUDA events around each call."""
+_L2_FLUSH: dict = {}  # device index -> the buffer time_gpu zeroes to evict the L2
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """A buffer of twice the device's L2 (at most 256 MiB), allocated once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _L2_FLUSH.get(index)
+    if buf is None:
+        l2 = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 50 * 2**20
+        buf = _L2_FLUSH[index] = torch.empty(min(2 * l2, 256 * 2**20), dtype=torch.uint8, device=device)
+    return buf
+
+
+def _capture(fn) -> torch.cuda.CUDAGraph | None:
+    """``fn`` captured in a CUDA graph after a warm-up on a side stream (None when capture fails)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+    except RuntimeError as exc:  # e.g. an op that synchronises during capture
+        print(f"    (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})", flush=True)
+        torch.cuda.synchronize()
+        return None
+
+
+def time_gpu(fn, *, flush_l2: bool = True, warmup: int = 5, iters: int = 30, graph: bool = False) -> float | None:
+    """Median microseconds of one ``fn()`` call: the one timer of every kernel benchmark.
+
+    Parameters
+    ----------
+    fn : the work to time (no arguments). To time ``n`` calls from one graph, let ``fn`` make the
+        ``n`` calls and divide the result by ``n``.
+    flush_l2 : zero a buffer of twice the L2 before each timed call, so ``fn`` reads its inputs from
+        HBM as in a decode step (the memset also keeps the GPU busy while the launch is enqueued,
+        so the events time the kernel, not the launch overhead).
+    warmup, iters : untimed calls first (compiles, autotuning, workspaces), then timed calls.
+    graph : time replays of ``fn`` captured in a CUDA graph (launch overhead removed); None when
+        ``fn`` cannot be captured.
+
+    On a machine without CUDA (the benchmarks' ``--cpu`` smoke runs): wall-clock medians, no flush,
+    no graph (None).
+    """
+    if not torch.cuda.is_available():
+        if graph:
+            return None
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e6)
+        return statistics.median(times)
     for _ in range(warmup):
         fn()
+    run = fn
+    if graph:
+        captured = _capture(fn)
+        if captured is None:
+            return None
+        run = captured.replay
+    flush = _l2_flush_buffer(torch.device("cuda", torch.cuda.current_device())) if flush_l2 else None
     torch.cuda.synchronize()
-    times = []
+    events = []
     for _ in range(iters):
+        if flush is not None:
+            flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) * 1e3 for start, end in events)
+
+
+def cuda_time_ms(fn, *, warmup: int = 10, iters: int = 50) -> float:
+    """Median milliseconds of ``fn()`` without an L2 flush (:func:`time_gpu`, kept for old callers)."""
+    return time_gpu(fn, flush_l2=False, warmup=warmup, iters=iters) / 1e3
 
 
 def measure_copy_bandwidth_gbs(device: torch.device | str = "cuda", n_bytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(n_bytes // 2, dtype=torch.float16, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, iters=20)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+    us = time_gpu(lambda: dst.copy_(src), warmup=3, iters=20)
+    return 2 * src.numel() * src.element_size() / (us * 1e-6) / 1e9
 
 
 @contextlib.contextmanager

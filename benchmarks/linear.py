@@ -34,7 +34,7 @@ import sys
 
 import torch
 
-from benchmarks.common import measure_copy_bandwidth_gbs, result_header, write_results
+from benchmarks.common import measure_copy_bandwidth_gbs, result_header, time_gpu, write_results
 
 #: (model, op, N, K, epilogue) at GPT-2 small (C = 768) and XL (C = 1600).
 def shapes(include_lm_head: bool) -> list[tuple[str, str, int, int, str]]:
@@ -56,30 +56,11 @@ REPLAYS = 7
 
 
 def _graph_us(fn, n_calls: int) -> float:
-    """Median microseconds per call of ``fn(i)`` for i in range(n_calls), replayed from a graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(n_calls):  # eager warm-up: compiles, workspaces, cuBLAS handles
-            fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n_calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n_calls)
-    del graph
-    return sorted(times)[len(times) // 2]
+    """Median microseconds per call of ``fn(i)`` for i in range(n_calls), replayed from one graph."""
+    us = time_gpu(lambda: [fn(i) for i in range(n_calls)], warmup=1, iters=REPLAYS, graph=True)
+    if us is None:
+        raise RuntimeError("the linear op could not be captured in a CUDA graph")
+    return us / n_calls
 
 
 def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16) -> dict:

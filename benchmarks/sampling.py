@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from benchmarks.common import cuda_time_ms, result_header, write_results
+from benchmarks.common import result_header, time_gpu, write_results
 
 TEMPERATURE, TOP_K, TOP_P = 0.8, 50, 0.9
 
@@ -79,33 +79,12 @@ def _hf_processors(temperature=None, top_k=None, top_p=None):
     return run
 
 
-def _graph_time_us(fn, calls: int) -> float | None:
-    """Per-call microseconds of ``fn`` replayed from a CUDA graph of ``calls`` calls."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        ms = cuda_time_ms(graph.replay, warmup=2, iters=5)
-        del graph
-        return ms * 1e3 / calls
-    except Exception as exc:  # a baseline that cannot be captured is reported as missing
-        print(f"    (graph capture failed: {type(exc).__name__}: {str(exc)[:80]})")
-        torch.cuda.synchronize()
-        return None
-
-
 def _time(fn, iters: int) -> tuple[float, float | None]:
-    eager_us = cuda_time_ms(fn, warmup=5, iters=iters) * 1e3
+    """(eager, graph) microseconds per call, L2 flushed (graph: None when fn cannot be captured)."""
+    eager_us = time_gpu(fn, warmup=5, iters=iters)
     calls = 100 if eager_us < 500 else 10
-    return eager_us, _graph_time_us(fn, calls)
+    graph_us = time_gpu(lambda: [fn() for _ in range(calls)], warmup=2, iters=5, graph=True)
+    return eager_us, None if graph_us is None else graph_us / calls
 
 
 def _settings(op: str, B: int, device):

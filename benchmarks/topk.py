@@ -5,10 +5,10 @@
 Configurations: fp32 and fp16 logits (randn * 3), batch {1, 8, 64, 256} x vocab {50257, 128256}
 at k = 50, plus k = 1 and k = 256 at batch 1. Each op is timed two ways:
 
-* eager: ``cuda_time_ms`` around one call (CUDA events; includes launch overhead whenever the GPU
-  waits for the host, as in an eager decode loop);
-* graph: 20 calls captured in one CUDA graph, replayed; time per call (GPU time, what a
-  graph-captured decode step pays).
+* eager: ``benchmarks.common.time_gpu`` around one call (CUDA events, L2 flushed before each call;
+  includes launch overhead whenever the GPU waits for the host, as in an eager decode loop);
+* graph: 20 calls captured in one CUDA graph, replayed (L2 flushed before each replay); time per
+  call (GPU time, what a graph-captured decode step pays).
 
 Summary targets (the issue's): batch 1, vocab 50257, k 50: >= 5x faster than torch.topk;
 batch 64: >= 2x. Results go to ``$RESULTS_DIR/topk.json``. Without a GPU it prints that and exits 0;
@@ -19,46 +19,13 @@ wall-clock medians, no graphs) into ``topk-cpu.json``, as a smoke test of this s
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
-from benchmarks.common import cuda_time_ms, result_header, write_results
+from benchmarks.common import result_header, time_gpu, write_results
 
-GRAPH_CALLS = 20
-
-
-def _graph_time_us(fn, replays: int) -> float | None:
-    """Per-call microseconds of GRAPH_CALLS calls of fn captured in one CUDA graph (None if the
-    capture fails)."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_CALLS):
-                fn()
-    except RuntimeError as exc:  # e.g. an op that syncs during capture
-        print(f"  (graph capture failed: {exc})")
-        return None
-    ms = cuda_time_ms(graph.replay, warmup=2, iters=replays)
-    return ms * 1e3 / GRAPH_CALLS
-
-
-def _cpu_time_ms(fn, *, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+GRAPH_CALLS = 20  # calls per captured graph
 
 
 def _configs(cpu: bool):
@@ -92,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastgpt topk backend on {device}: {backend}")
     ours_op = torch.ops.fastgpt.topk if backend.endswith("-ext") else None
     warmup, iters, replays = (5, 30, 10) if args.quick or cpu else (20, 200, 50)
-    time_ms = _cpu_time_ms if cpu else cuda_time_ms
+
+    def eager_us(fn):
+        return time_gpu(fn, warmup=warmup, iters=iters)
 
     def graph_us(fn):
-        return None if cpu else _graph_time_us(fn, replays)
+        us = time_gpu(lambda: [fn() for _ in range(GRAPH_CALLS)], warmup=2, iters=replays, graph=True)
+        return None if us is None else us / GRAPH_CALLS
 
     rows = []
     header = (
@@ -107,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     for dtype, batch, vocab, k in _configs(cpu):
         x = (torch.randn(batch, vocab, device=device) * 3).to(dtype)
-        torch_us = time_ms(lambda: torch.topk(x, k), warmup=warmup, iters=iters) * 1e3
+        torch_us = eager_us(lambda: torch.topk(x, k))
         torch_graph_us = graph_us(lambda: torch.topk(x, k))
         row = {
             "dtype": str(dtype).replace("torch.", ""),
@@ -126,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             values, _ = ours_op(x, k)
             # torch.topk breaks ties arbitrarily, so compare the sorted values only.
             row["values_match"] = bool(torch.equal(values, torch.topk(x, k).values))
-            row["fastgpt_us"] = time_ms(lambda: ours_op(x, k), warmup=warmup, iters=iters) * 1e3
+            row["fastgpt_us"] = eager_us(lambda: ours_op(x, k))
             row["fastgpt_graph_us"] = graph_us(lambda: ours_op(x, k))
             row["speedup"] = torch_us / row["fastgpt_us"]
             if torch_graph_us and row["fastgpt_graph_us"]:

@@ -33,7 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import _INT32_MAX, _LOG2E, _NEG_BIG, _check_qkv_and_cache, _next_pow2, _triton_configs, _tune_bench
+from .attention_common import (
+    SUPPORTED_HEAD_DIMS,
+    _INT32_MAX,
+    _LOG2E,
+    _NEG_BIG,
+    _check_qkv_and_cache,
+    _next_pow2,
+    _triton_configs,
+    _tune_bench,
+)
 from .utils import check_tensor, interpreting, note_launch
 
 __all__ = [

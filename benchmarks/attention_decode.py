@@ -1,0 +1,145 @@
+"""Decode attention benchmark: the Triton flash-decoding kernel against PyTorch SDPA and the reference.
+
+``python -m benchmarks.attention_decode [--quick]``. fp16, head_dim 64, one new token over a full
+cache of ``L`` slots: batch {1, 8, 64} x heads {12, 25} x ``L`` {128, 1024, 8192}. ``fastgpt`` is
+:func:`fastgpt.kernels.attention_decode.decode_attention` (it also appends the token's K/V to the
+cache); ``sdpa`` is ``F.scaled_dot_product_attention`` of the query over the ``L`` cached keys,
+with the flash backend forced where it accepts the case (else the default backend; the row
+records which); ``reference`` is ``fastgpt.reference.attention``. Reported: microseconds, K/V
+bandwidth (``2 * B * H * L * D * 2`` bytes read / time) in GB/s and as a fraction of the
+device-to-device copy bandwidth measured in the same run. Timing: benchmarks/attention_common.py.
+
+Targets (H100, the ``summary`` key): >= 70% of copy bandwidth at batch 64 / L 8192 and never
+slower than SDPA at any measured size (graph timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.attention_common import (
+    HEAD_DIM, cell, derive_common, fmt, fused_qkv, measure, pick_sdpa_backend, print_summary, sdpa_fn, setup,
+)
+from benchmarks.common import result_header, write_results
+
+BATCHES = (1, 8, 64)
+HEADS = (12, 25)
+LENGTHS = (128, 1024, 8192)
+REPS = 20  # calls per captured graph
+
+
+def decode_case(B, H, L, dtype, device, iters) -> dict:
+    from fastgpt import reference
+    from fastgpt.kernels import attention_decode as AD
+
+    D = HEAD_DIM
+    q, k, v = fused_qkv(B, 1, H, D, dtype, device)
+    k_cache = torch.randn(B, H, L, D, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    pos = torch.tensor([L - 1], dtype=torch.int32, device=device)  # the cache is full after this token
+    row_start = torch.zeros(B, dtype=torch.int32, device=device)
+    workspace = AD.decode_workspace(B, H, D, L, device)
+    out = torch.empty(B, 1, H, D, device=device, dtype=dtype)
+    qt = q.transpose(1, 2)  # (B, H, 1, D)
+    backend = pick_sdpa_backend(qt, k_cache, v_cache, causal=False)
+    fns = {
+        "fastgpt": lambda: AD.decode_attention(q, k, v, k_cache, v_cache, pos, row_start, workspace, out=out),
+        "sdpa": sdpa_fn(qt, k_cache, v_cache, False, backend),
+        "reference": lambda: reference.attention(q, k, v, k_cache, v_cache, L - 1, None),
+    }
+    row = dict(
+        kind="decode", batch=B, heads=H, head_dim=D, cache_len=L, n_split=workspace["attn_o"].shape[2],
+        sdpa_backend=backend, kv_bytes=2 * B * H * L * D * k_cache.element_size(), times=measure(fns, REPS, iters),
+    )
+    return row
+
+
+def derive(row: dict, copy_bw: float | None) -> None:
+    """Bandwidth and speed-up columns from the times."""
+    ours, sdpa = derive_common(row)
+    row["gbs"] = row["kv_bytes"] / (ours * 1e-6) / 1e9 if ours else None
+    row["sdpa_gbs"] = row["kv_bytes"] / (sdpa * 1e-6) / 1e9 if sdpa else None
+    row["copy_frac"] = row["gbs"] / copy_bw if row["gbs"] and copy_bw else None
+
+
+def target_summary(rows: list[dict], on_gpu: bool) -> list[dict]:
+    def met(ok):
+        return bool(ok) if on_gpu else None  # CPU smoke numbers prove nothing
+
+    out = []
+    for r in rows:
+        if r["batch"] == 64 and r["cache_len"] == 8192:
+            frac = r.get("copy_frac")
+            out.append(dict(
+                metric=f"decode b64 h{r['heads']} L8192 fraction of copy bandwidth",
+                value=frac if frac is not None else "n/a", target=">= 0.70",
+                met=met(frac >= 0.7) if frac is not None else None,
+            ))
+    ratios = [(r["speedup_vs_sdpa"], r) for r in rows if r.get("speedup_vs_sdpa") is not None]
+    if ratios:
+        worst, r = min(ratios, key=lambda x: x[0])
+        slower = [f"b{x['batch']}h{x['heads']}L{x['cache_len']}" for s, x in ratios if s < 1.0]
+        out.append(dict(
+            metric=f"decode min speed-up vs SDPA over {len(ratios)} sizes (worst b{r['batch']} h{r['heads']} L{r['cache_len']}"
+            + (f"; slower at {', '.join(slower)})" if slower else ")"),
+            value=worst, target=">= 1.0 at every size", met=met(worst >= 1.0),
+        ))
+    if not out:
+        out.append(dict(metric="decode attention benchmark", value="no measurements", target="-", met=None))
+    return out
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['device']}  commit {result['commit']}  copy bandwidth {fmt(result['copy_bandwidth_gbs'])} GB/s")
+    print(f"times in us: {result['timing']} (eager, launch overhead included, in parentheses)")
+    head = f"{'decode':<18}{'splits':>7}{'fastgpt':>18}{'sdpa':>18}{'reference':>18}{'GB/s':>8}{'copy%':>7}{'x sdpa':>8}  sdpa backend"
+    print(head)
+    print("-" * len(head))
+    for r in result["rows"]:
+        frac = f"{100 * r['copy_frac']:.0f}%" if r.get("copy_frac") else "-"
+        name = f"b{r['batch']} h{r['heads']} L{r['cache_len']}"
+        print(
+            f"{name:<18}{r['n_split']:>7}{cell(r['times']['fastgpt']):>18}{cell(r['times']['sdpa']):>18}"
+            f"{cell(r['times']['reference']):>18}{fmt(r.get('gbs'), '.0f'):>8}{frac:>7}{fmt(r.get('speedup_vs_sdpa'), '.2f'):>8}  {r['sdpa_backend']}"
+        )
+    print_summary(result)
+
+
+def run(quick: bool) -> dict:
+    device, dtype, copy_bw, iters = setup(quick)
+    on_gpu = device.type == "cuda"
+    sizes = [(b, h, L) for b in BATCHES for h in HEADS for L in LENGTHS] if on_gpu else [(1, 2, 64), (2, 1, 300)]
+    torch.manual_seed(0)
+    rows = []
+    for B, H, L in sizes:
+        rows.append(decode_case(B, H, L, dtype, device, iters))
+        derive(rows[-1], copy_bw)
+        print(f"decode b{B:<3} h{H:<3} L{L:<5} fastgpt {fmt(rows[-1]['fastgpt_us'])} us  sdpa {fmt(rows[-1]['sdpa_us'])} us", flush=True)
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return dict(
+        result_header(device),
+        dtype=str(dtype).replace("torch.", ""),
+        timing="CUDA-graph replay, L2 flushed, median per call" if on_gpu else "CPU wall clock, Triton interpreter (smoke run)",
+        quick=quick,
+        copy_bandwidth_gbs=copy_bw,
+        rows=rows,
+        summary=target_summary(rows, on_gpu),
+    )
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer timing iterations (make gpu-check)")
+    p.add_argument("--name", default="attention_decode", help="results file name (without .json)")
+    args = p.parse_args(argv)
+    result = run(args.quick)
+    print_table(result)
+    write_results(args.name if torch.cuda.is_available() else f"{args.name}_cpu", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
