@@ -9,12 +9,13 @@ on the CPU under the Triton interpreter (to exercise them; the numbers mean noth
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import measure_copy_bandwidth_gbs, time_gpu
+from benchmarks.common import measure_copy_bandwidth_gbs, result_header, time_gpu, write_results
 
 HEAD_DIM = 64
 IMPLS = ("fastgpt", "sdpa", "reference")
@@ -113,3 +114,29 @@ def print_summary(result: dict) -> None:
     for s in result["summary"]:
         value = fmt(s["value"], ".3f") if isinstance(s["value"], float) else s["value"]
         print(f"  {s['metric']}: {value} (target {s['target']}) met={s['met']}")
+
+
+def result(device: torch.device, dtype: torch.dtype, quick: bool, rows: list[dict], summary: list[dict], **extra) -> dict:
+    """The results file of one attention benchmark run."""
+    on_gpu = device.type == "cuda"
+    return dict(
+        result_header(device),
+        dtype=str(dtype).replace("torch.", ""),
+        timing="CUDA-graph replay, L2 flushed, median per call" if on_gpu else "CPU wall clock, Triton interpreter (smoke run)",
+        quick=quick,
+        **extra,
+        rows=rows,
+        summary=summary,
+    )
+
+
+def main_of(doc: str, name: str, run, print_table, argv=None) -> dict:
+    """The command line of an attention benchmark: run, print the table, write ``<name>[_cpu].json``."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer timing iterations (make gpu-check)")
+    p.add_argument("--name", default=name, help="results file name (without .json)")
+    args = p.parse_args(argv)
+    out = run(args.quick)
+    print_table(out)
+    write_results(args.name if torch.cuda.is_available() else f"{args.name}_cpu", out)
+    return out

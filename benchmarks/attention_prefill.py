@@ -12,14 +12,12 @@ Targets (H100, the ``summary`` key): >= 0.8x SDPA at T >= 1024 and faster at T =
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from benchmarks.attention_common import (
-    HEAD_DIM, cell, derive_common, fmt, fused_qkv, measure, pick_sdpa_backend, print_summary, sdpa_fn, setup,
+    HEAD_DIM, cell, derive_common, fmt, fused_qkv, main_of, measure, pick_sdpa_backend, print_summary, result, sdpa_fn,
+    setup,
 )
-from benchmarks.common import result_header, write_results
 
 BATCH, HEADS = 4, 12
 LENGTHS = (128, 1024, 4096)
@@ -101,25 +99,11 @@ def run(quick: bool) -> dict:
         print(f"prefill b{B:<3} h{H:<3} T{T:<5} fastgpt {fmt(rows[-1]['fastgpt_us'])} us  sdpa {fmt(rows[-1]['sdpa_us'])} us", flush=True)
         if on_gpu:
             torch.cuda.empty_cache()
-    return dict(
-        result_header(device),
-        dtype=str(dtype).replace("torch.", ""),
-        timing="CUDA-graph replay, L2 flushed, median per call" if on_gpu else "CPU wall clock, Triton interpreter (smoke run)",
-        quick=quick,
-        rows=rows,
-        summary=target_summary(rows, on_gpu),
-    )
+    return result(device, dtype, quick, rows, target_summary(rows, on_gpu))
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer timing iterations (make gpu-check)")
-    p.add_argument("--name", default="attention_prefill", help="results file name (without .json)")
-    args = p.parse_args(argv)
-    result = run(args.quick)
-    print_table(result)
-    write_results(args.name if torch.cuda.is_available() else f"{args.name}_cpu", result)
-    return result
+    return main_of(__doc__, "attention_prefill", run, print_table, argv)
 
 
 if __name__ == "__main__":

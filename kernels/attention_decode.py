@@ -52,6 +52,8 @@ __all__ = [
     "decode_chunk",
     "warmup_decode",
     "DECODE_CONFIGS",
+    "DECODE_MAX_TILE",
+    "decode_configs_for",
     "COMBINE_CONFIG",
     "INTERPRETER_DECODE_CONFIG",
 ]
@@ -67,6 +69,17 @@ DECODE_CONFIGS: list[dict] = [
     dict(BLOCK_N=64, num_warps=4, num_stages=1),
     dict(BLOCK_N=128, num_warps=8, num_stages=1),
 ]
+#: Largest ``BLOCK_N * HEAD_DIM`` key tile the split kernel holds without register spills
+#: (ptxas sm_90: 128 keys at head_dim 128 spill ~200 B at any warp count, every dtype; 128 keys
+#: at head_dim 64 do not). The autotuner skips larger tiles (:func:`decode_configs_for`).
+DECODE_MAX_TILE = 8192
+
+
+def decode_configs_for(head_dim: int) -> list[dict]:
+    """The entries of ``DECODE_CONFIGS`` the autotuner tries at ``head_dim``."""
+    return [c for c in DECODE_CONFIGS if c["BLOCK_N"] * head_dim <= DECODE_MAX_TILE]
+
+
 #: The combine kernel is not tuned (a few microseconds of work).
 COMBINE_CONFIG: dict = dict(SPLIT_BLOCK=32, num_warps=4, num_stages=1)
 #: The single config used under the Triton interpreter (autotuning there would run every config).
@@ -245,8 +258,14 @@ def _decode_combine_kernel(
 
 # The autotuned split kernel (the interpreter calls the raw kernel with one fixed config instead).
 # The tuner adds every tensor argument's dtype to the key by itself.
+def _prune_decode_configs(configs, named_args, **kwargs):
+    """The autotuner's early prune: only the tiles :func:`decode_configs_for` allows at this head_dim."""
+    return [c for c in configs if c.kwargs["BLOCK_N"] * kwargs["HEAD_DIM"] <= DECODE_MAX_TILE]
+
+
 _decode_split_tuned = triton.autotune(
-    configs=_triton_configs(DECODE_CONFIGS), key=["HEAD_DIM", "CHUNK", "N_SPLIT"], do_bench=_tune_bench
+    configs=_triton_configs(DECODE_CONFIGS), key=["HEAD_DIM", "CHUNK", "N_SPLIT"], do_bench=_tune_bench,
+    prune_configs_by={"early_config_prune": _prune_decode_configs},
 )(_decode_split_kernel)
 
 

@@ -11,6 +11,8 @@ tests/attention_helpers.py.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -313,15 +315,22 @@ def test_decode_replayed_from_a_cuda_graph_matches_reference(launches, dtype, B,
 # sm_90 compilation
 # --------------------------------------------------------------------------------------------
 def test_every_decode_config_compiles_for_sm90_without_spills():
-    """Split configs at float32/128 and float16/64, the combine kernel at float32/128 and bfloat16/64."""
-    specs = [("decode", dt, d, c) for c in AD.DECODE_CONFIGS for dt, d in (("fp32", 128), ("fp16", 64))]
+    """Split configs at float32/128 and float16/64 (those the autotuner tries there), the combine
+    kernel at float32/128 and bfloat16/64."""
+    specs = [("decode", dt, d, c) for dt, d in (("fp32", 128), ("fp16", 64)) for c in AD.decode_configs_for(d)]
+    assert {json.dumps(c) for _, _, _, c in specs} == {json.dumps(c) for c in AD.DECODE_CONFIGS}  # each one somewhere
     specs += [("combine", dt, d, AD.COMBINE_CONFIG) for dt, d in (("fp32", 128), ("bf16", 64))]
     check_compiled(run_compile_workers("attention_helpers", specs))
 
 
 def test_autotuner_configs_are_the_exported_lists():
-    listed = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in AD._decode_split_tuned.configs]
+    tuner = AD._decode_split_tuned
+    listed = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tuner.configs]
     assert listed == AD.DECODE_CONFIGS
+    for head_dim in (64, 128):  # the prune the tuner applies is decode_configs_for
+        kept = tuner.early_config_prune(tuner.configs, {}, HEAD_DIM=head_dim)
+        assert [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept] == AD.decode_configs_for(head_dim)
+    assert [c["BLOCK_N"] for c in AD.decode_configs_for(128)] == [32, 64]  # 128 x 128 spills
 
 
 # --------------------------------------------------------------------------------------------
