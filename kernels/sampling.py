@@ -559,6 +559,34 @@ def _head_sample(uv, ui, uvalid, tau, M, S, k, top_p, min_p, k_active, p_active,
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_theta(x, valid, m, K_C: tl.constexpr, SEL_ITERS: tl.constexpr):
+    """The chunk's candidate threshold (a key): at most ``K_C`` of its (NaN-free) values lie above.
+
+    ``INT_MIN`` when the chunk has ``<= K_C`` tokens (complete), the key of ``-inf`` when its
+    finite tokens fit, else a value found by ``SEL_ITERS`` halvings of ``[min, max]`` (``m`` the
+    max) with ``count(x > theta) <= K_C``: not necessarily a token's value nor the exact
+    ``(K_C + 1)``-th largest; fewer halvings only trade a few candidates for speed.
+    """
+    finite = valid & (x > float("-inf"))
+    n_valid = tl.sum(valid.to(tl.int32), 0)
+    n_finite = tl.sum(finite.to(tl.int32), 0)
+    theta = tl.full([], -2147483648, tl.int32)  # the chunk is complete
+    if n_valid > K_C:
+        theta = _float_key(tl.full([], float("-inf"), tl.float32))  # all finite tokens fit
+    if n_finite > K_C:
+        hi = m  # count(x > max) = 0 fits
+        lo = tl.min(tl.where(finite, x, float("inf")), 0)
+        for _ in range(SEL_ITERS):
+            mid = lo + (hi - lo) * 0.5
+            fits = tl.sum((x > mid).to(tl.int32), 0) <= K_C
+            hi = tl.where(fits, mid, hi)
+            lo = tl.where(fits, lo, mid)
+        # As a key (-0.0 -> +0.0 first, so that key > theta <=> x > theta).
+        theta = _float_key(tl.where(hi == 0.0, 0.0, hi))
+    return theta
+
+
 # V and n_chunks are never specialised: Triton 3.6 fails to compile the row kernel for a constexpr
 # V == 1 and spills registers for a constexpr n_chunks == 1 (nothing to gain from either).
 @triton.jit(do_not_specialize=["V", "n_chunks"])
@@ -617,31 +645,14 @@ def _chunk_kernel(
         tl.store(cgum_ptr + slot, best)
         tl.store(cgidx_ptr + slot, best_i)
     elif temp != 0.0:
+        theta = _chunk_theta(x, valid, m, K_C, SEL_ITERS)
         key = tl.where(valid, _float_key(x), -2147483648)  # INT_MIN: below every real key
-        finite = valid & (x > float("-inf"))
-        n_valid = tl.sum(valid.to(tl.int32), 0)
-        n_finite = tl.sum(finite.to(tl.int32), 0)
-        theta = tl.full([], -2147483648, tl.int32)  # the chunk is complete
-        if n_valid > K_C:
-            theta = _float_key(tl.full([], float("-inf"), tl.float32))  # all finite tokens fit
-        if n_finite > K_C:
-            # Bisection on the value for a theta with count(x > theta) <= K_C (true at the max).
-            # theta need not be a token's value nor the exact (K_C + 1)-th largest: SEL_ITERS
-            # halvings of [min, max] only trade a few candidates for speed.
-            hi = m
-            lo = tl.min(tl.where(finite, x, float("inf")), 0)
-            for _ in range(SEL_ITERS):
-                mid = lo + (hi - lo) * 0.5
-                fits = tl.sum((x > mid).to(tl.int32), 0) <= K_C
-                hi = tl.where(fits, mid, hi)
-                lo = tl.where(fits, lo, mid)
-            # As a key (-0.0 -> +0.0 first, so that key > theta <=> x > theta).
-            theta = _float_key(tl.where(hi == 0.0, 0.0, hi))
         sel = key > theta
-        # The bisection bounds the count for NaN-free finite values; the slot mask bounds the
-        # writes for every input (a row with +inf is flagged and never reads its candidates).
-        sel &= tl.cumsum(sel.to(tl.int32), 0) <= K_C
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+        # The bisection bounds the count for NaN-free finite values; the slot bound holds the
+        # writes inside the chunk's K_C slots for every input (a row with +inf is flagged and
+        # never reads its candidates).
+        sel &= pos < K_C
         base = slot.to(tl.int64) * K_C
         tl.store(cval_ptr + base + pos, x, mask=sel)
         tl.store(cidx_ptr + base + pos, idx, mask=sel)
