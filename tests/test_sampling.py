@@ -24,7 +24,6 @@ interpreter's cost is per op, not per element.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -420,35 +419,6 @@ def test_vocab_of_one_token():
 # --------------------------------------------------------------------------------------------
 # Randomness
 # --------------------------------------------------------------------------------------------
-def test_noise_generators_agree_and_are_keyed():
-    seed, step = _seed_step(-5, 2**33 + 7)
-    a = S.gumbel_noise(3, 1001, seed, step)
-    b = S.gumbel_noise(3, 1001, seed, step, per_token=True)
-    assert torch.equal(a, b), "4-per-Philox and per-token noise differ"
-    assert torch.isfinite(a).all() and a.min() > -4 and a.max() < 24  # -log(E), E in [1.2e-10, 22.9]
-    seed2, step2 = _seed_step(-5, 7)  # only the high word of the step differs
-    c = S.gumbel_noise(3, 1001, seed2, step2)
-    d = S.gumbel_noise(3, 1001, *_seed_step(-4, 2**33 + 7))
-    assert not torch.equal(a, c) and not torch.equal(a, d)
-    assert not torch.equal(a[0], a[1])  # rows are different streams
-    # int32 and int64 steps key the same stream.
-    e = S.gumbel_noise(3, 1001, *_seed_step(-5, 7, step_dtype=torch.int32))
-    assert torch.equal(c, e)
-
-
-def test_noise_is_standard_gumbel():
-    """U = exp(-exp(-noise)) must be uniform on (0, 1): chi-square over 50 bins of 2^18 values."""
-    seed, step = _seed_step(123, 4)
-    noise = S.gumbel_noise(1, S.MAX_VOCAB, seed, step).double().cpu()
-    u = torch.exp(-torch.exp(-noise)).numpy()
-    counts, _ = np.histogram(u, bins=50, range=(0.0, 1.0))
-    assert _chi2_pvalue(counts, np.full(50, 1 / 50)) > 1e-3
-    # The tails: P(U < 1e-3) and P(U > 1 - 1e-3) are 1e-3 each.
-    n = u.size
-    for frac in ((u < 1e-3).mean(), (u > 1 - 1e-3).mean()):
-        assert abs(frac - 1e-3) < 5 * math.sqrt(1e-3 / n)
-
-
 def test_reproducible_and_independent_across_steps_and_rows():
     V, B = 40, 6
     row = torch.randn(1, V, generator=torch.Generator().manual_seed(8)) * 0.5
