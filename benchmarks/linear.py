@@ -11,7 +11,7 @@ proj + bias + residual; ln_f + LM head). Per shape:
   measured in the same run (``copy_bandwidth_gbs``, read + write bytes, as in benchmarks.common);
 * ``fused``: the op as the model runs it -- :func:`kernels.linear.cublas_linear` (LayerNorm
   kernel + cuBLAS + torch epilogue) vs the one fused GEMV launch;
-* ``plan``: what :func:`kernels.linear.plan` measures and chooses for the shape (without
+* ``plan``: what :func:`fastgpt.kernels.linear_plan.plan` measures and chooses for the shape (without
   ``--quick``, with ``FASTGPT_LINEAR=tune``: every tile at two splits; ``--quick`` uses the
   default Triton config to keep the compile count down).
 

@@ -225,14 +225,15 @@ def linear(
     ``layer`` is an ``nn.Linear`` (or anything with ``.weight`` ``(N, K)`` and optionally
     ``.bias``, e.g. the tied ``nn.Embedding`` of the LM head); ``ln`` an ``nn.LayerNorm`` or None;
     ``activation`` None, ``"gelu_tanh"`` or ``"gelu"``. On the Triton backend the per-shape plan
-    (:func:`kernels.linear.plan`) picks the fused GEMV or cuBLAS; records ``linear.<op>.<phase>``.
+    (:func:`kernels.linear_plan.plan`) picks the fused GEMV or cuBLAS; records ``linear.<op>.<phase>``.
     """
     weight, bias = layer.weight, getattr(layer, "bias", None)
     ln_kwargs = {} if ln is None else dict(ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps)
     if backend == "triton":
         import fastgpt.kernels.linear as triton_linear
+        import fastgpt.kernels.linear_plan as linear_plan
 
-        chosen = triton_linear.plan(x, weight, bias, activation=activation, residual=residual, **ln_kwargs)
+        chosen = linear_plan.plan(x, weight, bias, activation=activation, residual=residual, **ln_kwargs)
         _record(f"linear.{op}.{_phase(x)}", chosen.impl)
         if chosen.impl == "triton":
             return triton_linear.linear(
@@ -278,8 +279,9 @@ def ln_linear(
     weight, bias = layer.weight, getattr(layer, "bias", None)
     if backend == "triton":
         import fastgpt.kernels.linear as triton_linear
+        import fastgpt.kernels.linear_plan as linear_plan
 
-        chosen = triton_linear.plan(
+        chosen = linear_plan.plan(
             x, weight, bias, activation=activation, ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps
         )
         _record(f"linear.{op}.{_phase(x)}", chosen.impl)
@@ -309,8 +311,9 @@ def residual_linear(
     weight, bias = layer.weight, getattr(layer, "bias", None)
     if backend == "triton":
         import fastgpt.kernels.linear as triton_linear
+        import fastgpt.kernels.linear_plan as linear_plan
 
-        chosen = triton_linear.plan(y, weight, bias, residual=x)
+        chosen = linear_plan.plan(y, weight, bias, residual=x)
         _record(f"linear.{op}.{_phase(y)}", chosen.impl)
         if chosen.impl == "triton":
             return triton_linear.linear(y, weight, bias, residual=x, config=chosen.config), None
