@@ -65,10 +65,14 @@ test-hf-latest: torch-cpu
 bench: install
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m benchmarks.decode
 
-# No install step and no pip: the GPU machine has no network. Results go to $RESULTS_DIR (give
-# RESULTS_DIR=$$OUT there); the budget is GPU_CHECK_BUDGET_S (default 420 s).
+# No install step and no pip: the GPU machine has no network. Results go to RESULTS_DIR when
+# given (RESULTS_DIR=$$OUT on a lent machine), else to $(GPU_CHECK_DEFAULT_DIR), never into the
+# tracked benchmarks/results/ (`python -m benchmarks.gpu_check --unpack` writes there on purpose).
+# The budget is GPU_CHECK_BUDGET_S (default 420 s).
+GPU_CHECK_DEFAULT_DIR := /tmp/fastgpt-gpu-check
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(PYTHON) -m benchmarks.gpu_check
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m benchmarks.gpu_check \
+	    --results-dir "$(if $(filter file,$(origin RESULTS_DIR)),$(GPU_CHECK_DEFAULT_DIR),$(RESULTS_DIR))"
 
 clean:
 	rm -rf build .pytest_cache .benchmarks *.egg-info
