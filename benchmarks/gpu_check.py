@@ -180,9 +180,12 @@ class Stage:
     env: dict = field(default_factory=dict)
 
 
-def test_files(root: Path = REPO_ROOT) -> list[str]:
-    """``tests/test_*.py`` in order of value (:data:`TEST_PRIORITY`), then by name."""
+def test_files(root: Path = REPO_ROOT, *, cuda_only: bool = False) -> list[str]:
+    """``tests/test_*.py`` in order of value (:data:`TEST_PRIORITY`), then by name; with
+    ``cuda_only``, only files that mark a test ``cuda`` (a pytest start per file costs seconds)."""
     files = sorted(Path(p).name for p in glob.glob(str(root / "tests" / "test_*.py")))
+    if cuda_only:
+        files = [name for name in files if "mark.cuda" in (root / "tests" / name).read_text(errors="replace")]
 
     def rank(name: str) -> int:
         return next((i for i, key in enumerate(TEST_PRIORITY) if key in name), len(TEST_PRIORITY))
@@ -227,7 +230,7 @@ def plan(dry_run: bool, *, max_test_files: int | None = None) -> list[Stage]:
             "record('killed-demo', 'check', check='second', ok=True); time.sleep(600)"
         )
         stages.append(Stage("killed-demo", [PY, "-c", hang], 4))
-    files = test_files()
+    files = test_files(cuda_only=True)
     if max_test_files is not None:
         files = files[:max_test_files]
     for path in files:
@@ -337,7 +340,11 @@ PYTEST_RESULT = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XP
 
 
 def parse_pytest(output: str) -> dict:
-    """Counts and failure names from ``pytest -v`` output, complete or cut off by a timeout."""
+    """Counts and failure names from ``pytest -v -rfE`` output, complete or cut off by a timeout.
+
+    The per-test lines give the counts and names as the run goes; the short summary at the end
+    (present only when pytest finished) adds each failure's message.
+    """
     counts: dict[str, int] = {}
     failures = []
     for name, outcome in PYTEST_RESULT.findall(output):
@@ -345,9 +352,10 @@ def parse_pytest(output: str) -> dict:
         counts[key] = counts.get(key, 0) + 1
         if outcome in ("FAILED", "ERROR"):
             failures.append(name)
-    collection_errors = re.findall(r"^ERROR (\S+)(?: - (.*))?$", output, flags=re.M)
-    for path, reason in collection_errors:
-        if "::" not in path and path not in failures:
+    messages = dict(re.findall(r"^(?:FAILED|ERROR) (\S+::\S+) - (.*)$", output, flags=re.M))
+    failures = [f"{name} - {messages[name]}"[:300] if name in messages else name for name in failures]
+    for path, reason in re.findall(r"^ERROR (\S+)(?: - (.*))?$", output, flags=re.M):
+        if "::" not in path:  # a file that could not even be collected
             failures.append(f"{path} (collection: {reason or 'error'})"[:300])
     return dict(counts=counts, failures=failures[:50])
 
@@ -379,11 +387,9 @@ def collect_benchmark(stage: str, results_dir: Path, out_dir: Path, files_left: 
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-def _stage_env(out_dir: Path, dry_run: bool, results_dir: Path | None) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+def _stage_env(out_dir: Path, dry_run: bool, results_dir: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", RESULTS_DIR=str(results_dir))
     env[JSONL_ENV] = str(out_dir / JSONL_NAME)
-    if results_dir is not None:
-        env["RESULTS_DIR"] = str(results_dir)
     if dry_run:
         env[DRY_RUN_ENV] = "1"
         env["TRITON_INTERPRET"] = "1"
@@ -439,14 +445,15 @@ def run_all(out_dir: Path, *, budget_s: float, dry_run: bool, max_test_files: in
                 group_limit = TEST_GROUP_LIMIT_S
                 limit = min(limit, group_limit - group_spent.get(stage.group, 0.0))
             reason = _skip_reason(stage)
-            if reason is None and limit < MIN_STAGE_S:
+            if reason is None and limit < min(MIN_STAGE_S, stage.limit_s):
                 reason = "budget spent"
             if reason:
                 stage_rows.append(record(stage.name, "stage", status="skipped", reason=reason))
                 continue
-            results_dir = staging / stage.name.replace(":", "-") if stage.collects_results else None
-            if results_dir is not None:
-                results_dir.mkdir()
+            # Every stage writes its files into its own staging folder, never into out_dir: only
+            # what is recorded (and a few plots) comes back.
+            results_dir = staging / stage.name.replace(":", "-")
+            results_dir.mkdir()
             env = _stage_env(out_dir, dry_run, results_dir)
             env.update(stage.env)
             run = StageRun(stage, limit, env, log, results_dir)
@@ -459,7 +466,7 @@ def run_all(out_dir: Path, *, budget_s: float, dry_run: bool, max_test_files: in
             if stage.pytest_file:
                 record(stage.name, "tests", file=stage.pytest_file, status=result["status"],
                        seconds=result["seconds"], **parse_pytest("".join(run.lines)))  # fmt: skip
-            if results_dir is not None:
+            if stage.collects_results:
                 plots_left -= collect_benchmark(stage.name, results_dir, out_dir, plots_left)
             stage_rows.append(record(stage.name, "stage", **result))
         for run in background.values():
@@ -613,8 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = float(os.environ.get("GPU_CHECK_BUDGET_S", DEFAULT_BUDGET_S))
         max_files = args.max_test_files
         out_dir = (args.results_dir or Path(os.environ.get("RESULTS_DIR", "/tmp/fastgpt-gpu-check"))).resolve()
-    if out_dir.exists() and (out_dir / JSONL_NAME).exists():
-        (out_dir / JSONL_NAME).unlink()  # one run per folder: never mix two runs' rows
+    for name in (JSONL_NAME, LOG_NAME, SUMMARY_NAME):  # one run per folder: never mix two runs' rows
+        (out_dir / name).unlink(missing_ok=True)
     stage_rows = run_all(out_dir, budget_s=budget, dry_run=args.dry_run, max_test_files=max_files)
     write_summary(out_dir)
     if args.dry_run:

@@ -315,8 +315,6 @@ def check_sampler(s: Shapes, device) -> dict:
 def check_sampler_nonfinite(s: Shapes, device) -> dict:
     """Rows of NaN / +inf / -inf logits (whole rows and scattered): every token in range, greedy
     rows as torch.argmax, and, where the kernel has the status flag (contract C1), the flags."""
-    import inspect
-
     B, V = 8, s.vocab
     logits = torch.randn(B, V, device=device, dtype=torch.float32)
     logits[0] = float("nan")  # whole row NaN (sampling)

@@ -89,7 +89,7 @@ def test_dry_run_rows_of_each_stage(dry_run):
     assert set(engines) == {"hf-eager", "fastgpt"}
     assert engines["fastgpt"]["greedy_match"] is True and engines["fastgpt"]["tokens_per_s"] > 0
     (tests,) = run["tests"]
-    assert tests["file"] == gc.test_files()[0] and tests["status"] == "ok"
+    assert tests["file"] == gc.test_files(cuda_only=True)[0] and tests["status"] == "ok"
     assert sum(tests["counts"].values()) > 0 and set(tests["counts"]) <= {"skipped", "passed"}  # no GPU: skipped
     assert "attention_cpu" in run["benchmarks"] and run["benchmarks"]["attention_cpu"]["rows"]
     assert run["benchmarks"]["attention_cpu"]["device"].startswith("cpu")
@@ -145,6 +145,9 @@ def test_parse_pytest_counts_a_cut_off_verbose_run():
     parsed = gc.parse_pytest(output)
     assert parsed["counts"] == {"passed": 1, "failed": 1, "skipped": 1}
     assert parsed["failures"] == ["tests/test_a.py::test_two[x-1]"]
+    finished = gc.parse_pytest(output + "ED\n=== short test summary info ===\nFAILED tests/test_a.py::test_two[x-1] - assert 1 == 2\n")
+    assert finished["counts"] == {"passed": 2, "failed": 1, "skipped": 1}
+    assert finished["failures"] == ["tests/test_a.py::test_two[x-1] - assert 1 == 2"]
     collection = gc.parse_pytest("ERROR tests/test_b.py - ModuleNotFoundError: No module named 'scipy'\n")
     assert collection["failures"] == ["tests/test_b.py (collection: ModuleNotFoundError: No module named 'scipy')"]
 
@@ -162,6 +165,9 @@ def test_test_files_most_valuable_first():
     assert "tests/test_gpu_check.py" in files and len(files) == len(set(files))
     ranked = [f for f in files if any(key in f for key in gc.TEST_PRIORITY)]
     assert files[: len(ranked)] == ranked  # every prioritised file before the rest
+    cuda_files = gc.test_files(cuda_only=True)
+    assert cuda_files == [f for f in files if f in cuda_files]  # same order
+    assert "tests/test_cuda_graph.py" in cuda_files and "tests/test_gpu_check.py" not in cuda_files
 
 
 def test_check_sendable_names_each_problem(tmp_path):
