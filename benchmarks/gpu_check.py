@@ -194,6 +194,12 @@ def test_files(root: Path = REPO_ROOT, *, cuda_only: bool = False) -> list[str]:
     return [f"tests/{name}" for name in files]
 
 
+def kernel_benchmarks(family: str, root: Path = REPO_ROOT) -> list[str]:
+    """Benchmark modules of one kernel family: ``benchmarks/<family>.py`` and ``<family>_*.py``."""
+    paths = glob.glob(str(root / "benchmarks" / f"{family}.py")) + glob.glob(str(root / "benchmarks" / f"{family}_*.py"))
+    return sorted(Path(p).stem for p in paths)
+
+
 def _remove_stale_build_locks() -> None:
     """torch's extension builder leaves ``<build dir>/lock`` behind when killed mid-build, and
     every later load would wait on it forever: remove those in the extension caches."""
@@ -237,11 +243,13 @@ def plan(dry_run: bool, *, max_test_files: int | None = None) -> list[Stage]:
         cmd = [PY, "-m", "pytest", path, "-m", "cuda", "-v", "-rfE", "-p", "no:cacheprovider", "--maxfail=25"]
         stages.append(Stage(f"tests:{Path(path).stem}", cmd, TEST_FILE_LIMIT_S, after="build",
                             group="tests", pytest_file=path))  # fmt: skip
+    # Kernel benchmarks by glob too: benchmarks/attention.py, or attention_prefill.py and
+    # attention_decode.py after the split (C4), each its own stage.
+    for family, limit in (("attention", 60), ("sampling", 45), ("topk", 40), ("linear", 45)):
+        for module in kernel_benchmarks(family):
+            stages.append(Stage(f"bench-{module}", bench(module), limit, collects_results=True,
+                                after="build" if family == "topk" else None))  # fmt: skip
     stages += [
-        Stage("bench-attention", bench("attention"), 60, collects_results=True),
-        Stage("bench-sampling", bench("sampling"), 45, collects_results=True),
-        Stage("bench-topk", bench("topk"), 40, after="build", collects_results=True),
-        Stage("bench-linear", bench("linear"), 45, collects_results=True),
         Stage("profile", bench("profile"), 60, collects_results=True),
         Stage("bench-beam", bench("beam", *beam_extra), 60, collects_results=True),
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -65,7 +66,9 @@ def test_dry_run_has_a_row_for_every_stage(dry_run):
     stages = _stage_rows(dry_run["run"])
     planned = [s.name for s in gc.plan(True, max_test_files=1)]
     assert set(planned) <= set(stages), set(planned) - set(stages)
-    for name in ("build", "smoke", "headline", "bench-attention", "bench-topk", "profile", "bench-beam"):
+    ran = ["build", "smoke", "headline", "profile", "bench-beam"] + [n for n in planned if n.startswith("bench-")]
+    assert any(n.startswith("bench-attention") for n in ran) and any(n.startswith("bench-topk") for n in ran)
+    for name in ran:
         assert stages[name]["status"] in ("ok", "failed"), (name, stages[name])  # ran (failed: a kernel finding)
     for name, row in stages.items():
         assert row["status"] in ("ok", "failed", "timed out", "skipped"), row
@@ -91,8 +94,9 @@ def test_dry_run_rows_of_each_stage(dry_run):
     (tests,) = run["tests"]
     assert tests["file"] == gc.test_files(cuda_only=True)[0] and tests["status"] == "ok"
     assert sum(tests["counts"].values()) > 0 and set(tests["counts"]) <= {"skipped", "passed"}  # no GPU: skipped
-    assert "attention_cpu" in run["benchmarks"] and run["benchmarks"]["attention_cpu"]["rows"]
-    assert run["benchmarks"]["attention_cpu"]["device"].startswith("cpu")
+    attention = [name for name in run["benchmarks"] if name.startswith("attention")]
+    assert attention and all(run["benchmarks"][name]["rows"] for name in attention)
+    assert all(run["benchmarks"][name]["device"].startswith("cpu") for name in attention)
 
 
 def test_dry_run_killed_stage_keeps_its_rows(dry_run):
@@ -104,19 +108,22 @@ def test_dry_run_killed_stage_keeps_its_rows(dry_run):
 
 def test_unpack_reads_a_truncated_jsonl(dry_run, tmp_path):
     text = (dry_run["out_dir"] / gc.JSONL_NAME).read_text()
-    cut = text.index('"kind": "benchmark_row"')  # mid-line, inside the benchmarks' rows
+    cut = text.index('"kind": "benchmark_row"')  # mid-line, inside the first benchmark's rows
+    first = json.loads(text[:cut].splitlines()[-2])  # the line before the cut one
+    assert first["kind"] == "benchmark"  # its header row came before
+    by_device = lambda name: re.sub(r"_cpu$", "", name) + "_cpu.json"  # noqa: E731
     truncated = tmp_path / gc.JSONL_NAME
     truncated.write_text(text[:cut])
-    written = gc.unpack(truncated, tmp_path / "results")
-    names = sorted(p.name for p in written)
-    assert "gpu_check_cpu.json" in names and "attention_cpu.json" in names  # named by device
+    names = {p.name for p in gc.unpack(truncated, tmp_path / "results")}
+    assert {"gpu_check_cpu.json", by_device(first["name"])} <= names  # named by device
     summary = json.loads((tmp_path / "results" / "gpu_check_cpu.json").read_text())
     assert summary["smoke"] and summary["headline"] and summary["stages"]
     assert summary["other"][-1] == {"stage": "gpu-check", "kind": "unreadable", "lines": 1}
     # The complete run, from gpu_check.json: each benchmark with its rows put back together.
     gc.unpack(dry_run["out_dir"] / gc.SUMMARY_NAME, tmp_path / "from-json")
-    attention = json.loads((tmp_path / "from-json" / "attention_cpu.json").read_text())
-    assert attention["rows"] and attention["device"].startswith("cpu")
+    for name, bench in dry_run["run"]["benchmarks"].items():
+        unpacked = json.loads((tmp_path / "from-json" / by_device(name)).read_text())
+        assert unpacked == json.loads(json.dumps(bench)) and unpacked["device"].startswith("cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +187,12 @@ def test_check_sendable_names_each_problem(tmp_path):
     assert any("at most 8 come back" in p for p in problems)
     assert any("a b.png: not a plain name" in p for p in problems)
     assert any("deep.txt: deeper than one subfolder" in p for p in problems)
+
+
+def test_kernel_benchmarks_found_by_family():
+    assert gc.kernel_benchmarks("topk") == ["topk"]
+    assert gc.kernel_benchmarks("attention")  # attention.py, or attention_prefill/_decode.py after the split
+    assert gc.kernel_benchmarks("no_such_kernel") == []
 
 
 def test_device_slug():
