@@ -278,6 +278,9 @@ class StageRun:
     """A started stage: its process (own process group), its output streamed to the console and
     the log, its deadline."""
 
+    #: Stages whose process may still run (killed if the run itself is stopped).
+    active: set["StageRun"] = set()
+
     def __init__(self, stage: Stage, limit_s: float, env: dict, log: "CappedLog", results_dir: Path | None):
         self.stage, self.limit_s, self.results_dir = stage, limit_s, results_dir
         self.lines: list[str] = []  # every line (test output is parsed from it)
@@ -289,6 +292,7 @@ class StageRun:
             stage.cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, text=True, errors="replace", bufsize=1,
         )  # fmt: skip
+        StageRun.active.add(self)  # before any output: a stop may come as soon as the stage runs
         self.reader = threading.Thread(target=self._pump, args=(log,), daemon=True)
         self.reader.start()
 
@@ -312,6 +316,7 @@ class StageRun:
             if self.stage.on_kill:
                 self.stage.on_kill()
         self.reader.join(timeout=10)
+        StageRun.active.discard(self)
         seconds = time.monotonic() - self.started
         rc = self.proc.returncode
         if timed_out:
@@ -422,12 +427,23 @@ def _skip_reason(stage: Stage) -> str | None:
     return None
 
 
+def _stop_on_signal(signum, frame) -> None:
+    """The run itself is stopped (a timeout around it): a stage in its own process session would
+    outlive it, so kill every running stage's group first; the summary is still written."""
+    for run in list(StageRun.active):
+        _kill_group(run.proc)
+    record("gpu-check", "stopped", signal=signal.Signals(signum).name)
+    raise SystemExit(128 + signum)
+
+
 def run_all(out_dir: Path, *, budget_s: float, dry_run: bool, max_test_files: int | None = None) -> list[dict]:
     """Run every stage of :func:`plan` within ``budget_s``; return the stage rows."""
     from benchmarks.common import git_commit
 
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ[JSONL_ENV] = str(out_dir / JSONL_NAME)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _stop_on_signal)
     log = CappedLog(out_dir / LOG_NAME)
     started = time.monotonic()
     record("gpu-check", "start", budget_s=budget_s, dry_run=dry_run, commit=git_commit(), python=sys.version.split()[0],
@@ -630,8 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = (args.results_dir or Path(os.environ.get("RESULTS_DIR", "/tmp/fastgpt-gpu-check"))).resolve()
     for name in (JSONL_NAME, LOG_NAME, SUMMARY_NAME):  # one run per folder: never mix two runs' rows
         (out_dir / name).unlink(missing_ok=True)
-    stage_rows = run_all(out_dir, budget_s=budget, dry_run=args.dry_run, max_test_files=max_files)
-    write_summary(out_dir)
+    try:
+        stage_rows = run_all(out_dir, budget_s=budget, dry_run=args.dry_run, max_test_files=max_files)
+    finally:
+        write_summary(out_dir)  # also when the run was stopped: from what the .jsonl holds
     if args.dry_run:
         problems = verify_dry_run(out_dir, plan(True, max_test_files=max_files))
         print(f"\ndry run: results in {out_dir}")
