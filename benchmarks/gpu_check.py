@@ -1,6 +1,7 @@
 """``make gpu-check``: the one prepared command for a short, offline run on a lent GPU.
 
-``RESULTS_DIR=$OUT make gpu-check`` (``python -m benchmarks.gpu_check``) runs stages in order of
+``RESULTS_DIR=$OUT make gpu-check`` (without make: ``PYTHONPATH=. python3 -m benchmarks.gpu_check
+--results-dir $OUT``; give the call about 540 s) runs stages in order of
 value within one budget (``GPU_CHECK_BUDGET_S``, default 420 s), each in its own process group,
 killed whole at its limit:
 

@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from unittest import mock
 
@@ -474,12 +475,15 @@ def build(device: torch.device, s: Shapes) -> int:
     """Build the top-k extension; fail unless it has a kernel for ``device``; check the op."""
     stage = "build"
     start = time.perf_counter()
-    backend = kernel("topk_backend")(device)
+    with warnings.catch_warnings(record=True) as caught:  # the build's fallback warning says why
+        warnings.simplefilter("always")
+        backend = kernel("topk_backend")(device)
     expected = f"{device.type}-ext"
     ok = backend == expected
+    why = "; ".join(str(w.message) for w in caught)[-2000:]
     record(stage, "check", check="topk-extension", ok=ok, backend=backend, expected_backend=expected,
-           seconds=round(time.perf_counter() - start, 1),
-           error=None if ok else f"the top-k extension has no {device.type} kernel (backend {backend!r}); see the build warning above")  # fmt: skip
+           seconds=round(time.perf_counter() - start, 1), warnings=why or None,
+           error=None if ok else f"the top-k extension has no {device.type} kernel (backend {backend!r}): {why or 'no warning'}")  # fmt: skip
     if not ok:
         print(f"build: FAILED: the top-k extension was not built for {device} (backend {backend!r})", file=sys.stderr)
         return 2

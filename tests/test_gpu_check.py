@@ -238,3 +238,15 @@ def test_stopping_the_run_kills_its_stages_and_still_writes_the_summary(tmp_path
     assert _gone_within(child, 10)
     run = json.loads((tmp_path / gc.SUMMARY_NAME).read_text())
     assert run["other"][-1]["kind"] == "stopped" and run["other"][-1]["signal"] == "SIGTERM"
+
+
+def test_build_stage_fails_and_says_why_without_the_extension(tmp_path):
+    # No compiler: the extension cannot build, and the build stage must fail (not fall back).
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), CXX="/bin/false", TRITON_INTERPRET="1",
+               FASTGPT_EXT_CACHE=str(tmp_path), FASTGPT_CACHE_DIR=str(tmp_path), GPU_CHECK_JSONL=str(tmp_path / "rows.jsonl"))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.smoke", "--build"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = gc.read_rows(tmp_path / "rows.jsonl")
+    assert row["check"] == "topk-extension" and row["ok"] is False and row["backend"] == "torch-fallback"
+    assert "could not be built" in row["error"]  # the build's own reason, not just "failed"
