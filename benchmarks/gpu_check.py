@@ -14,8 +14,8 @@ killed whole at its limit:
 5. the kernel benchmarks, the profile, the beam benchmark; the sanitizers (top-k) last.
 
 Everything is written as it happens: every stage appends JSON lines to
-``$RESULTS_DIR/gpu_check.jsonl`` (one per result, flushed), so a run killed at any point still
-returns what it measured. At the end: ``gpu_check.json`` (the rows assembled) and a summary table.
+``$RESULTS_DIR/gpu_check.jsonl`` (one per result, flushed; the format and its readers are in
+``benchmarks/gpu_check_log.py``), so a run killed at any point still returns what it measured. At the end: ``gpu_check.json`` (the rows assembled) and a summary table.
 ``$RESULTS_DIR`` holds at most 8 plain-named files (``gpu_check.jsonl``, ``gpu_check.json``,
 ``gpu_check.log``, and a few plots), none over 16 MiB: what a lent machine sends back.
 
@@ -48,16 +48,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.gpu_check_log import (  # noqa: F401 -- re-exported: the run's file format
+    JSONL_ENV,
+    JSONL_NAME,
+    LOG_NAME,
+    MAX_FILE_BYTES,
+    MAX_FILES,
+    PLAIN_NAME,
+    SUMMARY_NAME,
+    assemble,
+    check_sendable,
+    device_slug,
+    read_rows,
+    record,
+    unpack,
+)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
-JSONL_NAME = "gpu_check.jsonl"
-SUMMARY_NAME = "gpu_check.json"
-LOG_NAME = "gpu_check.log"
-#: What a lent machine sends back from its output folder.
-MAX_FILES = 8
-MAX_FILE_BYTES = 16 * 2**20
-PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 #: The full log stops growing here (the .jsonl keeps every result; the log is for reading).
 LOG_CAP_BYTES = 8 * 2**20
 TAIL_CHARS = 3000
@@ -67,8 +76,6 @@ DRY_RUN_BUDGET_S = 300
 #: A stage given less than this is skipped, not started.
 MIN_STAGE_S = 5
 
-#: Environment variable naming the .jsonl file a stage process appends its rows to.
-JSONL_ENV = "GPU_CHECK_JSONL"
 #: Set (to "1") in every stage process of a dry run: tiny shapes, CPU.
 DRY_RUN_ENV = "GPU_CHECK_DRY_RUN"
 
@@ -78,82 +85,6 @@ TEST_PRIORITY = ("cuda_graph", "attention_decode", "attention_prefill", "attenti
 #: Each test file's own cap inside the tests' share of the budget (cold Triton compiles are slow).
 TEST_FILE_LIMIT_S = 60
 TEST_GROUP_LIMIT_S = 150
-
-
-# --------------------------------------------------------------------------------------------
-# The results log: one JSON line per result
-# --------------------------------------------------------------------------------------------
-def record(stage: str, kind: str, **fields) -> dict:
-    """Append one result row to ``$GPU_CHECK_JSONL`` (flushed at once) and print it.
-
-    Every stage process calls this for each result as soon as it has it. Without
-    ``GPU_CHECK_JSONL`` (a stage run by hand) the row is only printed.
-    """
-    row = {"stage": stage, "kind": kind, "time": round(time.time(), 3), **fields}
-    line = json.dumps(row, default=str, allow_nan=True)
-    path = os.environ.get(JSONL_ENV)
-    if path:
-        # One write() of one whole line in append mode: concurrent stages never interleave lines.
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-    print(f"[{stage}] {kind}: {line[:300]}", flush=True)
-    return row
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a ``gpu_check.jsonl``; a truncated or garbled line (a run killed mid-write) is
-    skipped and counted in a final ``{"kind": "unreadable"}`` row."""
-    rows, bad = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                bad += 1
-    if bad:
-        rows.append({"stage": "gpu-check", "kind": "unreadable", "lines": bad})
-    return rows
-
-
-def assemble(rows: list[dict]) -> dict:
-    """One dict from the rows: header, stages, smoke checks, headline rows, test files, benchmarks.
-
-    Benchmark results arrive as a ``benchmark`` row (the file's fields but its rows) and one
-    ``benchmark_row`` per row; they are put back together here, also when the run was cut short.
-    """
-    out: dict = {"header": {}, "stages": [], "smoke": [], "headline": [], "tests": [], "benchmarks": {}, "other": []}
-    for row in rows:
-        kind = row.get("kind")
-        if kind == "start":
-            out["header"] = {k: v for k, v in row.items() if k not in ("stage", "kind")}
-        elif kind == "stage":
-            out["stages"].append(row)
-        elif kind == "check":
-            out["smoke"].append(row)
-        elif kind == "headline":
-            out["headline"].append(row)
-        elif kind == "tests":
-            out["tests"].append(row)
-        elif kind == "benchmark":
-            bench = out["benchmarks"].setdefault(row["name"], {"rows": []})
-            bench.update({k: v for k, v in row["payload"].items() if k != "rows"})
-        elif kind == "benchmark_row":
-            out["benchmarks"].setdefault(row["name"], {"rows": []})["rows"].append(row["row"])
-        else:
-            out["other"].append(row)
-    devices = [r.get("device") for r in out["smoke"] if r.get("check") == "device"]
-    if devices and devices[0]:
-        out["header"]["device"] = devices[0]
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +163,7 @@ def plan(dry_run: bool, *, max_test_files: int | None = None) -> list[Stage]:
     if dry_run:
         # Proves that a stage killed at its limit keeps what it wrote: two rows, then a hang.
         hang = (
-            "from benchmarks.gpu_check import record; import time; "
+            "from benchmarks.gpu_check_log import record; import time; "
             "record('killed-demo', 'check', check='first', ok=True); "
             "record('killed-demo', 'check', check='second', ok=True); time.sleep(600)"
         )
@@ -532,58 +463,9 @@ def print_summary(run: dict) -> None:
         print(f"  benchmark {name}: {len(bench.get('rows', []))} rows")
 
 
-def unpack(source: Path, dest: Path) -> list[Path]:
-    """Write a run (``gpu_check.jsonl``, possibly truncated, or ``gpu_check.json``, or a folder
-    holding either) into ``dest``: the assembled run and each benchmark, named by device."""
-    if source.is_dir():
-        source = source / JSONL_NAME if (source / JSONL_NAME).exists() else source / SUMMARY_NAME
-    run = assemble(read_rows(source)) if source.suffix == ".jsonl" else json.loads(source.read_text())
-    slug = device_slug(run["header"].get("device", "unknown"))
-    dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, bench in run["benchmarks"].items():
-        base = re.sub(r"_cpu$", "", name)
-        path = dest / f"{base}_{slug}.json"
-        path.write_text(json.dumps(bench, indent=2, default=str) + "\n")
-        written.append(path)
-    path = dest / f"gpu_check_{slug}.json"
-    path.write_text(json.dumps({k: v for k, v in run.items() if k != "benchmarks"}, indent=2, default=str) + "\n")
-    written.append(path)
-    for p in written:
-        print(f"wrote {p}")
-    return written
-
-
-def device_slug(device: str) -> str:
-    """``"NVIDIA H200"`` -> ``"h200"``; ``"cpu (x86_64, 2 cores)"`` -> ``"cpu"``."""
-    name = device.lower().replace("nvidia", "").strip()
-    if name.startswith("cpu"):
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
-
-
 # --------------------------------------------------------------------------------------------
 # What a lent machine would send back
 # --------------------------------------------------------------------------------------------
-def check_sendable(out_dir: Path) -> list[str]:
-    """Problems with ``out_dir`` as a lent machine's output folder (empty list: none)."""
-    problems = []
-    files = [p for p in out_dir.rglob("*") if p.is_file()]
-    if len(files) > MAX_FILES:
-        problems.append(f"{len(files)} files, at most {MAX_FILES} come back")
-    for p in out_dir.rglob("*"):
-        rel = p.relative_to(out_dir)
-        if not all(PLAIN_NAME.match(part) for part in rel.parts):
-            problems.append(f"{rel}: not a plain name")
-        if len(rel.parts) > 2:
-            problems.append(f"{rel}: deeper than one subfolder")
-        if p.is_symlink():
-            problems.append(f"{rel}: a link")
-        elif p.is_file() and p.stat().st_size > MAX_FILE_BYTES:
-            problems.append(f"{rel}: {p.stat().st_size} bytes, over {MAX_FILE_BYTES}")
-    return problems
-
-
 #: Stages whose exit status reports kernel results: failing there is a finding, not broken plumbing.
 KERNEL_FINDING_STAGES = ("smoke", "build")
 

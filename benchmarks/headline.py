@@ -18,7 +18,7 @@ import torch
 
 from benchmarks import decode
 from benchmarks.common import measure_copy_bandwidth_gbs
-from benchmarks.gpu_check import record
+from benchmarks.gpu_check_log import record
 
 #: (model, batch, prompt_len, new_tokens), most valuable first.
 GPU_ROWS = [("gpt2", 1, 128, 256), ("gpt2-xl", 1, 128, 256), ("gpt2", 64, 128, 256)]

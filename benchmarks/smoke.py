@@ -40,7 +40,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-from benchmarks.gpu_check import record  # noqa: E402
+from benchmarks.gpu_check_log import record  # noqa: E402
 
 #: check name -> (module, function): the kernel APIs under test (KERN's C4 renames go here).
 KERNELS = {
