@@ -16,10 +16,12 @@ How a call is served
    left padding, a value HF would reject -- is never ignored: the call goes to
    ``hf_model.generate`` unchanged, with ONE :class:`FallbackWarning` naming the arguments, or
    raises ``ValueError`` when the wrapper was built with ``strict=True``.
-3. Otherwise :func:`fastgpt.generate.generate` runs on the fastgpt copy of the model, with HF's
-   length rules (``max_new_tokens`` over ``max_length``; ``min_new_tokens`` over ``min_length``),
-   HF's pad default (the first EOS id) and HF's attention-mask inference from pad tokens, and
-   returns what HF returns: a LongTensor, or ``GenerateDecoderOnlyOutput`` /
+3. Otherwise :meth:`fastgpt.settings.GenerationSettings.from_generation_config` resolves the
+   lengths (``max_new_tokens`` over ``max_length``; ``min_new_tokens`` over ``min_length``, HF's
+   "Unfeasible length constraints" warnings) and the pad default (the first EOS id) as HF does,
+   this module infers the attention mask from pad tokens as HF does, and
+   :func:`fastgpt.generation.run` generates on the fastgpt copy of the model, returning what HF
+   returns: a LongTensor, or ``GenerateDecoderOnlyOutput`` /
    ``GenerateBeamDecoderOnlyOutput`` with ``return_dict_in_generate=True`` (``past_key_values``
    is None: fastgpt's cache is not a ``transformers`` Cache).
 
@@ -27,12 +29,19 @@ Greedy and beam search give HF's tokens. Sampling draws from the same distributi
 same tokens (HF uses ``torch.multinomial``; fastgpt a counter-based sampler); its seed comes from
 torch's global RNG, so ``torch.manual_seed`` makes it reproducible.
 
-The fastgpt copy is rebuilt when the HF weights change (in place or by ``.to()``): checked
-per call through each parameter's storage pointer and version counter.
+The repetition penalty follows the installed transformers: releases whose ``generate`` passes
+``prompt_ignore_length`` leave a left-padded prompt's pad slots unpenalised, older ones (5.17)
+penalise them (:func:`hf_penalizes_pad_slots`).
+
+The fastgpt copy is rebuilt when the HF weights change: replaced or moved (``.to()``), changed
+in place (version counters), and changed through ``.data`` (which bypasses the version counter:
+a per-call fingerprint, the norm of every weight in one fused read, sees it). A change that keeps
+every weight's norm (a permutation inside a tensor) is not seen: call :meth:`AcceleratedModel.refresh`.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import warnings
@@ -40,8 +49,8 @@ from typing import Any
 
 import torch
 
-from .generate import generate as _fast_generate
-from .generate import left_padding
+from .generation import run
+from .settings import GenerationSettings, left_padding
 
 __all__ = ["accelerate", "AcceleratedModel", "FallbackWarning", "SUPPORTED"]
 
@@ -223,9 +232,9 @@ class AcceleratedModel:
 
     # ---- the fastgpt copy ----------------------------------------------------------------
     def _current_weights_key(self) -> tuple:
-        return tuple(
-            (name, p.data_ptr(), p._version, p.dtype, p.device) for name, p in self.hf_model.named_parameters()
-        )
+        params = list(self.hf_model.parameters())
+        meta = tuple((name, p.data_ptr(), p._version, p.dtype, p.device) for name, p in self.hf_model.named_parameters())
+        return meta, _fingerprint(params)
 
     def _rebuild(self) -> None:
         from .model import GPT
@@ -239,7 +248,9 @@ class AcceleratedModel:
         self._rebuild()
 
     def _ensure_fresh(self) -> None:
-        if self._current_weights_key() != self._weights_key:
+        meta, fingerprint = self._current_weights_key()
+        old_meta, old_fingerprint = self._weights_key
+        if meta != old_meta or not torch.equal(fingerprint, old_fingerprint):
             logger.info("fastgpt.accelerate: the Hugging Face weights changed; copying them again")
             self._rebuild()
 
@@ -295,7 +306,7 @@ class AcceleratedModel:
             custom_generate=custom_generate,
         )
         try:
-            fast_kwargs = self._plan(call, kwargs)
+            settings, input_ids, row_start = self._plan(call, kwargs)
         except _Fallback as fb:
             names = ", ".join(fb.reasons)
             if self.strict:
@@ -310,10 +321,10 @@ class AcceleratedModel:
             )
             return self.hf_model.generate(**{k: v for k, v in call.items() if v is not None}, **kwargs)
         self._ensure_fresh()
-        return _fast_generate(self.model, **fast_kwargs)
+        return run(self.model, settings, input_ids, row_start)
 
-    def _plan(self, call: dict, kwargs: dict) -> dict:
-        """fastgpt.generate keyword arguments for this call, or raise _Fallback naming what is not supported."""
+    def _plan(self, call: dict, kwargs: dict) -> tuple:
+        """``(settings, input_ids, row_start)`` for this call, or raise _Fallback naming what is not supported."""
         hf = self.hf_model
         reasons: list[str] = []
         kwargs = dict(kwargs)
@@ -391,84 +402,51 @@ class AcceleratedModel:
         if reasons:
             raise _Fallback(reasons)
 
-        # -- lengths, exactly as HF's _prepare_generated_length
-        T = input_ids.shape[1]
-        n_positions = hf.config.max_position_embeddings
-        if gc.max_new_tokens is not None:
-            max_length = gc.max_new_tokens + T
-        elif has_default_max_length:
-            max_length = min(gc.max_length + T, n_positions)
-        else:
-            max_length = gc.max_length
-        if T >= max_length or max_length > n_positions:
-            # HF raises (prompt too long for max_length) or runs past its position table.
-            raise _Fallback([f"max_length={max_length} with a {T}-token prompt and n_positions={n_positions}"])
-        min_new = gc.min_new_tokens if gc.min_new_tokens is not None else max(0, (gc.min_length or 0) - T)
-
-        # -- special tokens, as HF's _prepare_special_tokens
+        # -- special tokens and the mask, as HF's _prepare_special_tokens
         eos = _as_id_list(gc.eos_token_id)
         pad = gc.pad_token_id
         if isinstance(pad, torch.Tensor):
             pad = int(pad.reshape(-1)[0])
         mask = model_kwargs.get("attention_mask")
-        if pad is None and eos:
-            pad = eos[0]
-            if not self._pad_warned:
-                logger.warning(
-                    "fastgpt.accelerate: pad_token_id is not set; using eos_token_id %d for padding, "
-                    "as transformers does",
-                    pad,
-                )
-                self.__dict__["_pad_warned"] = True
+        if pad is None and eos and not self._pad_warned:
+            logger.warning(
+                "fastgpt.accelerate: pad_token_id is not set; using eos_token_id %d for padding, as transformers does",
+                eos[0],
+            )
+            self.__dict__["_pad_warned"] = True
         if mask is None:
             # HF infers the mask from pad tokens when the pad id is set and is not an EOS id.
             if pad is not None and bool((input_ids == pad).any()) and (not eos or pad not in eos):
                 mask = (input_ids != pad).long()
         else:
             mask = mask if mask.dim() == 2 else mask[None]
-        if mask is not None:
-            try:
-                left_padding(mask, input_ids)
-            except (TypeError, ValueError) as exc:
-                raise _Fallback([f"attention_mask ({exc})"]) from None
+        try:
+            row_start = left_padding(mask, input_ids)
+        except (TypeError, ValueError) as exc:
+            raise _Fallback([f"attention_mask ({exc})"]) from None
 
+        # -- lengths and every other setting, resolved as HF does
+        try:
+            settings = GenerationSettings.from_generation_config(
+                gc,
+                self.model.config,
+                input_ids.shape[1],
+                has_default_max_length=has_default_max_length,
+                streamer=call["streamer"],
+                penalize_pad=hf_penalizes_pad_slots(),
+            )
+        except ValueError as exc:
+            # HF raises (prompt too long for max_length) or runs past its position table.
+            raise _Fallback([str(exc)]) from None
         if has_default_max_length and gc.max_new_tokens is None:
             warnings.warn(  # HF's own warning for this case
-                f"Using the model-agnostic default `max_length` (={max_length}) to control the generation length. "
-                "We recommend setting `max_new_tokens` to control the maximum length of the generation.",
+                f"Using the model-agnostic default `max_length` (={input_ids.shape[1] + settings.max_new_tokens}) "
+                "to control the generation length. We recommend setting `max_new_tokens` to control the maximum "
+                "length of the generation.",
                 UserWarning,
                 stacklevel=3,
             )
-
-        sampling = bool(gc.do_sample)
-        out = dict(
-            input_ids=input_ids,
-            max_new_tokens=max_length - T,
-            attention_mask=mask,
-            eos_token_id=eos or None,
-            pad_token_id=pad,
-            min_new_tokens=min_new,
-            repetition_penalty=float(gc.repetition_penalty if gc.repetition_penalty is not None else 1.0),
-            no_repeat_ngram_size=gc.no_repeat_ngram_size or 0,
-            num_beams=gc.num_beams or 1,
-            length_penalty=gc.length_penalty if gc.length_penalty is not None else 1.0,
-            early_stopping=gc.early_stopping if gc.early_stopping is not None else False,
-            num_return_sequences=gc.num_return_sequences or 1,
-            streamer=call["streamer"],
-            output_scores=bool(gc.output_scores),
-            output_logits=bool(gc.output_logits),
-            return_dict_in_generate=bool(gc.return_dict_in_generate),
-            do_sample=sampling,
-        )
-        if sampling:
-            # HF applies each warper only when it is active (temperature != 1, top_k != 0, top_p < 1, min_p set).
-            out.update(
-                temperature=float(gc.temperature) if gc.temperature is not None else 1.0,
-                top_k=gc.top_k if gc.top_k else None,
-                top_p=float(gc.top_p) if gc.top_p is not None and gc.top_p < 1.0 else None,
-                min_p=float(gc.min_p) if gc.min_p is not None else None,
-            )
-        return out
+        return settings, input_ids, row_start
 
     def _value_checks(self, gc, input_ids: torch.Tensor) -> list[str]:
         """Values HF would reject or treat differently from fastgpt: these go to HF (which raises or copes)."""
@@ -522,6 +500,25 @@ class AcceleratedModel:
             if value is not None and not isinstance(value, bool):
                 bad.append(f"{name}={value!r}")
         return bad
+
+
+@torch.no_grad()
+def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
+    """``(n_params,)`` float32 norms of the weights, computed in one multi-tensor pass."""
+    norms = torch._foreach_norm([p.detach() for p in params])
+    return torch.stack([n.float() for n in norms]).cpu() if norms else torch.zeros(0)  # one host read
+
+
+@functools.cache
+def hf_penalizes_pad_slots() -> bool:
+    """Whether the installed transformers' repetition penalty counts left-pad slots as seen tokens.
+
+    Releases whose ``generate`` gives ``RepetitionPenaltyLogitsProcessor`` the pad count
+    (``prompt_ignore_length``) do not (e.g. 5.24); older ones (5.17) do.
+    """
+    from transformers.generation.utils import GenerationMixin
+
+    return "prompt_ignore_length" not in inspect.getsource(GenerationMixin._get_logits_processor)
 
 
 def _as_id_list(value) -> list[int]:
