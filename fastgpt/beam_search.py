@@ -84,7 +84,7 @@ def _gather_beams(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx, dim=1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(model, settings, input_ids: torch.Tensor, row_start: torch.Tensor | None) -> BeamSearchOutput:
     """Beam search with checked :class:`~fastgpt.settings.GenerationSettings` (``num_beams``,
     ``length_penalty``, ``early_stopping``, ``num_return_sequences``, EOS/pad ids, the processors'

@@ -39,7 +39,6 @@ __all__ = ["generate", "run", "SYNC_EVERY"]
 SYNC_EVERY = 16
 
 
-@torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask=None, **options):
     """Generate up to ``max_new_tokens`` tokens after ``input_ids``, as Hugging Face ``generate`` does.
 
@@ -79,10 +78,21 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     return run(model, settings, input_ids, row_start)
 
 
-@torch.no_grad()
 def run(model, settings: GenerationSettings, input_ids: torch.Tensor, row_start: torch.Tensor | None):
     """Generate with checked ``settings`` from a checked ``(B, T)`` prompt (``fastgpt.accelerate``
-    enters here): expand rows, then beam search, the streaming loop or the fast loop."""
+    enters here). The work runs in inference mode (fewer dispatcher layers per op); what is
+    returned is copied out of it, so that users may modify it in place or use it with autograd."""
+    with torch.inference_mode():
+        result = _run(model, settings, input_ids, row_start)
+    if isinstance(result, torch.Tensor):
+        return result.clone()
+    for name, value in result.items():  # an HF ModelOutput
+        result[name] = value.clone() if isinstance(value, torch.Tensor) else tuple(v.clone() for v in value)
+    return result
+
+
+def _run(model, settings: GenerationSettings, input_ids: torch.Tensor, row_start: torch.Tensor | None):
+    """Expand rows, then beam search, the streaming loop or the fast loop."""
     input_ids = input_ids.to(device=model.device, dtype=torch.long)
     if settings.num_beams == 1 and settings.num_return_sequences > 1:
         # Sampling several sequences per prompt: each prompt row repeated, as HF expands it.
