@@ -209,14 +209,19 @@ def _is_zero(value) -> bool:
 
 
 @functools.cache
-def _takes_status(sampler) -> bool:
-    # Contract C1: the samplers take ``status=``. Until the kernel side lands everywhere, a sampler
-    # without it is called without it (its rows are then never flagged).
-    return "status" in inspect.signature(sampler).parameters
+def _status_parameters(sampler) -> frozenset:
+    # Contract C1: the samplers take ``status=`` (the PyTorch one may also take the RNG ``step=``
+    # it records). Until the kernel side lands everywhere, a sampler without them is called
+    # without them (its rows are then never flagged).
+    return frozenset(inspect.signature(sampler).parameters) & {"status", "step"}
 
 
-def _status_kwargs(sampler, state: SamplingState) -> dict:
-    return {"status": state.status} if _takes_status(sampler) else {}
+def _status_kwargs(sampler, state: SamplingState, *, step_keyword: bool) -> dict:
+    accepted = _status_parameters(sampler)
+    if "status" not in accepted:
+        return {}
+    with_step = step_keyword and "step" in accepted
+    return {"status": state.status, **({"step": state.step} if with_step else {})}
 
 
 def allocate_workspaces(cache, sampling: SamplingState, vocab_size: int, backend: str) -> None:
@@ -251,7 +256,7 @@ def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) 
             workspace = state.workspace = triton_sampling.sampling_workspace(B, V, logits.device)
         tokens = triton_sampling.sample(
             logits, state.temperature, state.top_k, state.top_p, state.min_p, state.seed, state.step,
-            workspace=workspace, **_status_kwargs(triton_sampling.sample, state),
+            workspace=workspace, **_status_kwargs(triton_sampling.sample, state, step_keyword=False),
         )  # fmt: skip
     elif state.all_greedy:
         _record("sample", "torch:greedy")
@@ -260,7 +265,7 @@ def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) 
         _record("sample", "torch")
         tokens = reference.sample(
             logits, state.temperature, state.top_k, state.top_p, state.min_p, generator=state.generator,
-            **_status_kwargs(reference.sample, state),
+            **_status_kwargs(reference.sample, state, step_keyword=True),
         )  # fmt: skip
     state.step.add_(1)
     return tokens

@@ -326,8 +326,10 @@ class GenerationSettings:
             max_length = gc.max_length
         if prompt_len >= max_length or max_length > n_positions:
             raise ValueError(f"max_length={max_length} with a {prompt_len}-token prompt and n_positions={n_positions}")
-        if gc.min_length is not None and gc.min_length > max_length:
-            _warn_unfeasible("min_length", gc.min_length, None, max_length, has_default_max_length)
+        # HF's _prepare_generated_length sets min_length from min_new_tokens before it checks both.
+        min_length = gc.min_length if gc.min_new_tokens is None else gc.min_new_tokens + prompt_len
+        if min_length is not None and min_length > max_length:
+            _warn_unfeasible("min_length", min_length, None, max_length, has_default_max_length)
         if gc.min_new_tokens is not None and gc.min_new_tokens + prompt_len > max_length:
             _warn_unfeasible("min_new_tokens", gc.min_new_tokens, prompt_len, max_length, has_default_max_length)
         min_new = gc.min_new_tokens if gc.min_new_tokens is not None else max(0, (gc.min_length or 0) - prompt_len)

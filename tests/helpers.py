@@ -95,3 +95,36 @@ def emulate_graph_replay(monkeypatch) -> None:
         return why if why is not None and why.startswith("disabled") else None
 
     monkeypatch.setattr(cuda_graph, "unavailable_reason", reason)
+
+
+def contract_sampler(monkeypatch) -> None:
+    """Give ``fastgpt.reference.sample`` the contract-C1 ``status=`` flags when it lacks them.
+
+    A test double of the kernel side (helper KERN implements the real one): rows that sample
+    (temperature > 0) get bit 1 for NaN scores, 2 for +inf, 4 when every score is -inf, and the
+    RNG step of their first failure. With a sampler that already takes ``status=`` nothing is
+    replaced, so the same tests then check the real one.
+    """
+    import inspect
+
+    from fastgpt import reference
+
+    original = reference.sample
+    if "status" in inspect.signature(original).parameters:
+        return
+
+    def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None, status=None, step=None):
+        tokens = original(logits, temperature, top_k, top_p, min_p, generator=generator)
+        if status is not None:
+            bits = (
+                logits.isnan().any(dim=1).int()
+                | logits.isposinf().any(dim=1).int() * 2
+                | (logits == float("-inf")).all(dim=1).int() * 4
+            )
+            bits = torch.where(torch.as_tensor(temperature, device=logits.device) > 0, bits, 0)
+            first = (status[:, 0] == 0) & (bits != 0)
+            status[:, 1] = torch.where(first, step.to(torch.int32), status[:, 1])
+            status[:, 0] |= bits
+        return tokens
+
+    monkeypatch.setattr(reference, "sample", sample)
