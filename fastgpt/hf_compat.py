@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from .generation import run
-from .settings import GenerationSettings, left_padding
+from .settings import GenerationSettings, LengthError, left_padding
 
 __all__ = ["accelerate", "AcceleratedModel", "FallbackWarning", "SUPPORTED"]
 
@@ -435,7 +435,7 @@ class AcceleratedModel:
                 streamer=call["streamer"],
                 penalize_pad=hf_penalizes_pad_slots(),
             )
-        except ValueError as exc:
+        except LengthError as exc:
             # HF raises (prompt too long for max_length) or runs past its position table.
             raise _Fallback([str(exc)]) from None
         if has_default_max_length and gc.max_new_tokens is None:

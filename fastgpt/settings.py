@@ -22,11 +22,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["GenerationSettings", "check_prompt", "left_padding", "check_int"]
+__all__ = ["GenerationSettings", "LengthError", "check_prompt", "left_padding", "check_int"]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: Below this a temperature's reciprocal overflows float32: every scaled score would be +-inf.
 MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
+class LengthError(ValueError):
+    """A resolved ``max_length`` that does not fit the prompt or the model's position table."""
 
 
 def check_int(value, name: str, low: int, high: int | None = None) -> int:
@@ -314,8 +318,8 @@ class GenerationSettings:
         Lengths follow HF's ``_prepare_generated_length`` (``max_new_tokens`` over
         ``max_length``; the default ``max_length`` capped at ``n_positions``; ``min_new_tokens``
         over ``min_length``), the pad id defaults to the first EOS id, and each sampling warper
-        is active only when HF would build it. ``ValueError`` when the resulting length does not
-        fit the prompt or the model (HF raises or runs past its position table).
+        is active only when HF would build it. :class:`LengthError` when the resulting length
+        does not fit the prompt or the model (HF raises or runs past its position table).
         """
         n_positions = config.n_positions
         if gc.max_new_tokens is not None:
@@ -325,7 +329,7 @@ class GenerationSettings:
         else:
             max_length = gc.max_length
         if prompt_len >= max_length or max_length > n_positions:
-            raise ValueError(f"max_length={max_length} with a {prompt_len}-token prompt and n_positions={n_positions}")
+            raise LengthError(f"max_length={max_length} with a {prompt_len}-token prompt and n_positions={n_positions}")
         # HF's _prepare_generated_length sets min_length from min_new_tokens before it checks both.
         min_length = gc.min_length if gc.min_new_tokens is None else gc.min_new_tokens + prompt_len
         if min_length is not None and min_length > max_length:

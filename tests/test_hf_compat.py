@@ -20,12 +20,13 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 
 import fastgpt
 from fastgpt import FallbackWarning, kernels_report, reset_kernels_report
+from fastgpt import hf_compat
 from fastgpt.hf_compat import _check_signature
 from fastgpt.model import GPT
+from tests.helpers import HAS_CUDA
 from tests.models import hf_gpt2
 from tests.stats import chisquare_pvalue
 
-HAS_CUDA = torch.cuda.is_available()
 _CACHE: dict = {}
 
 
@@ -434,6 +435,52 @@ def test_weights_changed_in_place_are_copied_again():
     expected = hf.generate(single, max_new_tokens=10, pad_token_id=0)
     assert not torch.equal(expected, before)
     assert torch.equal(fast.generate(single, max_new_tokens=10, pad_token_id=0), expected)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [lambda p: p.data.mul_(1.5), lambda p: p.data.copy_(torch.randn_like(p) * 0.08)],
+    ids=["data.mul_", "data.copy_"],
+)
+def test_weights_changed_through_data_are_copied_again(change):
+    """Issue 11 item 2: ``.data`` bypasses the version counter; the fingerprint still sees it."""
+    hf = hf_gpt2("tiny-503")
+    fast = fastgpt.accelerate(hf)
+    single, *_ = prompts()
+    before = fast.generate(single, max_new_tokens=10, pad_token_id=0)
+    torch.manual_seed(0)
+    for p in hf.parameters():
+        change(p)
+    expected = hf.generate(single, max_new_tokens=10, pad_token_id=0)
+    assert not torch.equal(expected, before)
+    assert torch.equal(fast.generate(single, max_new_tokens=10, pad_token_id=0), expected)
+
+
+def test_repetition_penalty_follows_the_installed_transformers(monkeypatch):
+    """Issue 11 item 1: the drop-in penalises left-pad slots exactly when the installed
+    transformers does (5.17 does; releases passing ``prompt_ignore_length`` do not)."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    hf = hf_gpt2("tiny-503")
+    fast = fastgpt.accelerate(hf)
+    installed = "prompt_ignore_length" not in inspect.getsource(GenerationMixin._get_logits_processor)
+    assert hf_compat.hf_penalizes_pad_slots() is installed
+    eos = int(fast.generate(torch.tensor([[1, 2]]), max_new_tokens=6, repetition_penalty=3.0, pad_token_id=0)[0, 5])
+    ids = torch.tensor([[eos, eos, eos, eos, 1, 2], [4, 5, 6, 3, 1, 2]])
+    kwargs = dict(max_new_tokens=10, do_sample=False, repetition_penalty=3.0, eos_token_id=eos, pad_token_id=eos,
+                  attention_mask=(ids != eos).long())  # fmt: skip
+    assert torch.equal(fast.generate(ids, **kwargs), hf.generate(ids, **kwargs))  # the installed HF
+    hf_compat.hf_penalizes_pad_slots.cache_clear()
+    monkeypatch.setattr(hf_compat, "hf_penalizes_pad_slots", lambda: not installed)  # the other semantics
+    other = fast.generate(ids, **kwargs)
+    alone = hf.generate(ids[:1, 4:], **{k: v for k, v in kwargs.items() if k != "attention_mask"})
+    with_pads = hf.generate(ids, **kwargs)
+    if installed:  # the other semantics leave pads out: row 0 as if alone
+        assert torch.equal(other[0, 4 : 4 + alone.shape[1]], alone[0]) and not torch.equal(other, with_pads)
+    else:
+        assert not torch.equal(other[0, 4 : 4 + alone.shape[1]], alone[0])
 
 
 # ---------------------------------------------------------------------------------------------
