@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: the one place for HAS_CUDA, left-padded batches, assert_close,
-host-read counting and the CPU stand-in for a CUDA-graph replay."""
+"""Helpers shared by the tests: the one place for HAS_CUDA, left-padded batches, assert_close, a
+recording streamer, host-read counting, the CPU stand-in for a CUDA-graph replay and a test
+double of the contract-C1 sampler status."""
 
 from __future__ import annotations
 
@@ -37,6 +38,20 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, *, atol: float, rtol: flo
         worst = diff.nan_to_num(float("inf")).topk(min(5, diff.numel())).indices.tolist()
         rows = [f"  [{i}] got {got.flatten()[i].item()!r} expected {ref.flatten()[i].item()!r}" for i in worst]
         raise AssertionError(f"{what}: {exc}\nworst mismatches:\n" + "\n".join(rows)) from None
+
+
+class RecordingStreamer:
+    """A streamer (HF's ``put``/``end`` interface) that records its calls: ``("put", tensor)`` and
+    ``("end", None)``."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls.append(("put", value.clone()))
+
+    def end(self) -> None:
+        self.calls.append(("end", None))
 
 
 class HostReadCounter:

@@ -23,7 +23,7 @@ from fastgpt import FallbackWarning, kernels_report, reset_kernels_report
 from fastgpt import hf_compat
 from fastgpt.hf_compat import _check_signature
 from fastgpt.model import GPT
-from tests.helpers import HAS_CUDA
+from tests.helpers import HAS_CUDA, RecordingStreamer, assert_close
 from tests.models import hf_gpt2
 from tests.stats import chisquare_pvalue
 
@@ -86,10 +86,10 @@ def assert_same_output(got, expected, atol=1e-4):
             assert a.dtype == b.dtype and torch.equal(a, b), key
         elif isinstance(b, tuple):
             assert len(a) == len(b), key
-            for x, y in zip(a, b):
-                torch.testing.assert_close(x, y, rtol=0, atol=atol)
+            for i, (x, y) in enumerate(zip(a, b)):
+                assert_close(x, y, atol=atol, what=f"{key}[{i}]")
         else:
-            torch.testing.assert_close(a, b, rtol=0, atol=atol)
+            assert_close(a, b, atol=atol, what=key)
 
 
 def run_both(kwargs_fn, batch=False):
@@ -258,17 +258,6 @@ def test_sampled_first_tokens_follow_transformers_distribution(kwargs):
 # ---------------------------------------------------------------------------------------------
 # Streamers
 # ---------------------------------------------------------------------------------------------
-class RecordingStreamer:
-    def __init__(self):
-        self.calls = []
-
-    def put(self, value):
-        self.calls.append(("put", value.clone()))
-
-    def end(self):
-        self.calls.append(("end", None))
-
-
 def assert_same_calls(a, b):
     assert [k for k, _ in a] == [k for k, _ in b]
     for (_, x), (_, y) in zip(a, b):

@@ -12,21 +12,10 @@ import fastgpt
 from fastgpt.decoder import Decoder
 from fastgpt.settings import GenerationSettings
 from fastgpt.streaming import stream_decode
-from tests.helpers import contract_sampler, left_padded
+from tests.helpers import RecordingStreamer, contract_sampler, left_padded
 from tests.models import pair
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def put(self, value):
-        self.calls.append(("put", value.clone()))
-
-    def end(self):
-        self.calls.append(("end", None))
 
 
 @pytest.mark.parametrize("sampling", [{}, dict(do_sample=True, temperature=0.9, top_k=40, seed=7)], ids=["greedy", "sampling"])
@@ -38,7 +27,7 @@ def test_streamed_tokens_equal_the_fast_loop_and_reach_the_streamer(sampling):
     kwargs = dict(attention_mask=mask, pad_token_id=1, eos_token_id=eos, **sampling)
     fast = model.generate(ids, 14, **kwargs)
     assert fastgpt.last_generate_stats()["loop"] == "fast"
-    streamer = Recorder()
+    streamer = RecordingStreamer()
     streamed = model.generate(ids, 14, streamer=streamer, **kwargs)
     assert torch.equal(streamed, fast)
     puts = [value for kind, value in streamer.calls if kind == "put"]
@@ -78,7 +67,7 @@ def test_a_sampling_failure_is_raised_at_its_step_with_the_tokens_so_far_streame
     """Contract C1: the streaming loop reads the status every step."""
     contract_sampler(monkeypatch)
     model = fastgpt.GPT.from_config(fastgpt.GPTConfig(vocab_size=11, n_positions=32, n_embd=16, n_head=2, n_layer=1))
-    streamer = Recorder()
+    streamer = RecordingStreamer()
     with pytest.raises(RuntimeError, match="row 0 at step 10: every token is banned"):
         model.generate(torch.tensor([[0]]), 20, do_sample=True, no_repeat_ngram_size=1, seed=3, streamer=streamer)
     puts = [value for kind, value in streamer.calls if kind == "put"]
