@@ -46,7 +46,7 @@ import torch
 
 from . import backend as _backend
 from .decoder import Decoder
-from .logits_processors import build_processors, recorded_scores
+from .logits_processors import processors_for, recorded_scores
 
 #: Steps between two host reads of the device-side "stop" flag.
 SYNC_EVERY = 4
@@ -118,14 +118,7 @@ def beam_search(model, settings, input_ids: torch.Tensor, row_start: torch.Tenso
     # Prompt rows repeated per beam: (B, T) -> (R, T).
     flat_ids = input_ids.repeat_interleave(N, dim=0)
     flat_start = None if row_start is None else row_start.to(device).repeat_interleave(N)  # (R,)
-    processors = build_processors(
-        vocab_size=V,
-        repetition_penalty=settings.repetition_penalty,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        record_scores=settings.output_scores,
-    )
-    if processors is not None:
-        processors.start(flat_ids, L, row_start=None if settings.penalize_pad else flat_start)
+    processors = processors_for(settings, V, flat_ids, flat_start)  # greedy: scores are the log-probs
     decoder = Decoder.create(model, settings, R, L, row_start=flat_start, processors=processors)
     cache = decoder.cache
 

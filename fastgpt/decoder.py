@@ -191,3 +191,10 @@ class Decoder:
             if message is not None:
                 raise RuntimeError(message)
         return True
+
+    def steps_until_all_finished(self, new_tokens: torch.Tensor) -> int:
+        """Tokens Hugging Face would have generated of ``new_tokens`` ``(B, n)``: up to the step in
+        which the last row emitted EOS (the fast loop looks only every few steps). A host read."""
+        hit = (new_tokens[:, :, None] == self.eos).any(dim=-1)  # (B, n)
+        first_hit = torch.where(hit.any(dim=1), hit.float().argmax(dim=1), new_tokens.shape[1])  # (B,)
+        return min(int(first_hit.max()) + 1, new_tokens.shape[1])

@@ -20,16 +20,13 @@ graph, not inference tensors).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import backend as _backend
-from . import reference
 from .beam_search import beam_search
 from .cuda_graph import GraphCache
 from .decoder import Decoder
-from .logits_processors import build_processors
+from .logits_processors import processors_for
 from .settings import GenerationSettings, check_prompt
 from .streaming import stream_decode
 
@@ -108,7 +105,7 @@ def _run(model, settings: GenerationSettings, input_ids: torch.Tensor, row_start
         stats["decode_steps"] = result.n_steps - 1
         return result.to_hf() if settings.return_dict_in_generate else result.sequences
     B, T = input_ids.shape
-    processors = _processors(model, settings, input_ids, row_start)
+    processors = processors_for(settings, model.config.vocab_size, input_ids, row_start)
     if settings.per_step_host_work:
         stats = _backend.record_generate(
             loop="streaming", path="eager", captured=False, capture_s=0.0, reason="the host needs every token", key=None
@@ -125,26 +122,6 @@ def _run(model, settings: GenerationSettings, input_ids: torch.Tensor, row_start
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits)
-
-
-def _processors(model, settings: GenerationSettings, input_ids: torch.Tensor, row_start: torch.Tensor | None):
-    """The started logits processors of a one-beam call, or None."""
-    warp = None
-    if settings.output_scores and not settings.greedy:
-        # HF reports sampling scores after its warpers: temperature, top-k, top-p, min-p.
-        warp = functools.partial(reference.filter_logits, temperature=settings.temperature, top_k=settings.top_k,
-                                 top_p=settings.top_p, min_p=settings.min_p)  # fmt: skip
-    processors = build_processors(
-        vocab_size=model.config.vocab_size,
-        repetition_penalty=settings.repetition_penalty,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        record_scores=settings.output_scores,
-        warp=warp,
-    )
-    if processors is not None:
-        processors.start(input_ids, input_ids.shape[1] + settings.max_new_tokens,
-                         row_start=None if settings.penalize_pad else row_start)  # fmt: skip
-    return processors
 
 
 def _fast(model, settings: GenerationSettings, input_ids: torch.Tensor, row_start, processors) -> torch.Tensor:
@@ -201,13 +178,5 @@ def _decode_loop(decoder: Decoder, step, input_ids: torch.Tensor, out: torch.Ten
     if decoder.may_fail:
         decoder.host_check()  # raises when a row's sampling failed
     if check_eos:
-        n_done = _trim_after_all_finished(out[:, T : T + n_done], decoder.eos)
+        n_done = decoder.steps_until_all_finished(out[:, T : T + n_done])
     return n_done
-
-
-def _trim_after_all_finished(new_tokens: torch.Tensor, eos: torch.Tensor) -> int:
-    """Number of steps Hugging Face would have run: up to the step where the last row hit EOS."""
-    hit = torch.isin(new_tokens, eos)  # (B, n)
-    first_hit = torch.where(hit.any(dim=1), hit.float().argmax(dim=1), new_tokens.shape[1])  # (B,)
-    last_row_done = int(first_hit.max())
-    return min(last_row_done + 1, new_tokens.shape[1])

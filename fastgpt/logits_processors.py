@@ -32,9 +32,12 @@ tensors of fixed shape, no Python-side state that changes per step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
+
+from . import reference
 
 __all__ = [
     "LogitsProcessor",
@@ -43,6 +46,7 @@ __all__ = [
     "NoRepeatNGram",
     "ScoresRecorder",
     "build_processors",
+    "processors_for",
     "recorded_scores",
 ]
 
@@ -243,6 +247,30 @@ def build_processors(
     if not procs:
         return None
     return ProcessorList(procs, vocab_size=vocab_size)
+
+
+def processors_for(settings, vocab_size: int, input_ids: torch.Tensor, row_start: torch.Tensor | None):
+    """The started processors a generation with these :class:`~fastgpt.settings.GenerationSettings`
+    needs, for its ``(R, T)`` prompt rows and their ``(R,)`` left-pad counts; None when none.
+
+    Sampling scores are recorded after HF's warpers (temperature, top-k, top-p, min-p), as HF
+    reports them; the repetition penalty leaves pad slots out unless ``settings.penalize_pad``.
+    """
+    warp = None
+    if settings.output_scores and not settings.greedy:
+        warp = functools.partial(reference.filter_logits, temperature=settings.temperature, top_k=settings.top_k,
+                                 top_p=settings.top_p, min_p=settings.min_p)  # fmt: skip
+    processors = build_processors(
+        vocab_size=vocab_size,
+        repetition_penalty=settings.repetition_penalty,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        record_scores=settings.output_scores,
+        warp=warp,
+    )
+    if processors is not None:
+        processors.start(input_ids, input_ids.shape[1] + settings.max_new_tokens,
+                         row_start=None if settings.penalize_pad else row_start)  # fmt: skip
+    return processors
 
 
 def recorded_scores(processors: ProcessorList | None) -> list[torch.Tensor] | None:

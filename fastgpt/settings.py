@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -136,6 +136,63 @@ def _warn_unfeasible(name: str, value: int, prompt_len: int | None, max_length: 
     )
 
 
+def _check_sampling(do_sample, temperature, top_k, top_p, min_p, seed) -> bool:
+    """Check the sampling arguments; returns whether the call is greedy."""
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
+    if not _is_real(temperature) or math.isnan(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    greedy = not do_sample or temperature == 0
+    if not greedy and not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
+        raise ValueError(
+            f"temperature must be finite and >= {MIN_TEMPERATURE:.3g} when sampling (smaller ones overflow "
+            f"float32 scores), got {temperature!r}"
+        )
+    if top_k is not None:
+        check_int(top_k, "top_k", 1)
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if min_p is not None and (not _is_real(min_p) or not 0 <= min_p <= 1):
+        raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
+    if seed is not None:
+        check_int(seed, "seed", INT64_MIN, INT64_MAX)
+    return greedy
+
+
+def _check_search(
+    greedy, repetition_penalty, no_repeat_ngram_size, num_beams, length_penalty, early_stopping,
+    num_return_sequences, streamer,
+) -> None:  # fmt: skip
+    """Check the processors', beam search's and the streamer's arguments."""
+    if not _is_real(repetition_penalty) or not 0 < repetition_penalty < math.inf:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0: off), got {repetition_penalty!r}")
+    check_int(no_repeat_ngram_size, "no_repeat_ngram_size", 0)
+    check_int(num_beams, "num_beams", 1)
+    if not _is_real(length_penalty) or math.isnan(length_penalty):
+        raise ValueError(f"length_penalty must be a real number, got {length_penalty!r}")
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    check_int(num_return_sequences, "num_return_sequences", 1)
+    if num_beams > 1:
+        if not greedy:
+            raise ValueError(
+                "beam search with do_sample=True (beam sampling) is not supported: use num_beams=1 to sample, "
+                "or do_sample=False for beam search"
+            )
+        if num_return_sequences > num_beams:
+            raise ValueError(
+                f"num_return_sequences must be in [1, num_beams={num_beams}] for beam search, got {num_return_sequences}"
+            )
+        if streamer is not None:
+            raise ValueError("streamer cannot be used with beam search (as in transformers): use num_beams=1")
+    elif greedy and num_return_sequences > 1:
+        raise ValueError(
+            f"greedy decoding returns one sequence per prompt: num_return_sequences must be 1, got "
+            f"{num_return_sequences} (use do_sample=True or num_beams > 1)"
+        )
+    _check_streamer(streamer)
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """One generate() call's settings, checked and resolved (see the module docstring).
@@ -218,52 +275,9 @@ class GenerationSettings:
                 f"{config.n_positions - prompt_len}"
             )
         check_int(min_new_tokens, "min_new_tokens", 0)
-        if not isinstance(do_sample, bool):
-            raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
-        if not _is_real(temperature) or math.isnan(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        greedy = not do_sample or temperature == 0
-        if not greedy and not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
-            raise ValueError(
-                f"temperature must be finite and >= {MIN_TEMPERATURE:.3g} when sampling (smaller ones overflow "
-                f"float32 scores), got {temperature!r}"
-            )
-        if top_k is not None:
-            check_int(top_k, "top_k", 1)
-        if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if min_p is not None and (not _is_real(min_p) or not 0 <= min_p <= 1):
-            raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
-        if seed is not None:
-            check_int(seed, "seed", INT64_MIN, INT64_MAX)
-        if not _is_real(repetition_penalty) or not 0 < repetition_penalty < math.inf:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0: off), got {repetition_penalty!r}")
-        check_int(no_repeat_ngram_size, "no_repeat_ngram_size", 0)
-        check_int(num_beams, "num_beams", 1)
-        if not _is_real(length_penalty) or math.isnan(length_penalty):
-            raise ValueError(f"length_penalty must be a real number, got {length_penalty!r}")
-        if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-        check_int(num_return_sequences, "num_return_sequences", 1)
-        if num_beams > 1:
-            if not greedy:
-                raise ValueError(
-                    "beam search with do_sample=True (beam sampling) is not supported: use num_beams=1 to sample, "
-                    "or do_sample=False for beam search"
-                )
-            if num_return_sequences > num_beams:
-                raise ValueError(
-                    f"num_return_sequences must be in [1, num_beams={num_beams}] for beam search, got "
-                    f"{num_return_sequences}"
-                )
-            if streamer is not None:
-                raise ValueError("streamer cannot be used with beam search (as in transformers): use num_beams=1")
-        elif greedy and num_return_sequences > 1:
-            raise ValueError(
-                f"greedy decoding returns one sequence per prompt: num_return_sequences must be 1, got "
-                f"{num_return_sequences} (use do_sample=True or num_beams > 1)"
-            )
-        _check_streamer(streamer)
+        greedy = _check_sampling(do_sample, temperature, top_k, top_p, min_p, seed)
+        _check_search(greedy, repetition_penalty, no_repeat_ngram_size, num_beams, length_penalty, early_stopping,
+                      num_return_sequences, streamer)  # fmt: skip
         eos = _token_ids(eos_token_id, "eos_token_id", config.vocab_size)
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
@@ -371,10 +385,6 @@ class GenerationSettings:
             warn_min_length=False,  # HF's own warnings were given above
             **sampling,
         )
-
-    def with_max_new_tokens(self, max_new_tokens: int) -> "GenerationSettings":
-        """A copy with another length (the caller checked it)."""
-        return replace(self, max_new_tokens=max_new_tokens)
 
 
 def _check_streamer(streamer) -> None:
