@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any
 
 import torch
+
+from .settings import MIN_TEMPERATURE
 
 __all__ = ["SUPPORTED", "Fallback", "fallback_reasons", "value_reasons", "as_id_list", "hf_penalizes_pad_slots"]
 
@@ -253,7 +256,8 @@ def value_reasons(gc, input_ids: torch.Tensor, vocab_size: int) -> list[str]:
         bad.append("input_ids outside the vocabulary")
     if gc.do_sample:
         t = gc.temperature
-        if t is not None and t != 1.0 and not (isinstance(t, float) and t > 0):
+        # Non-finite or vanishing temperatures: HF decides (it raises, or samples as it does).
+        if t is not None and t != 1.0 and not (isinstance(t, float) and MIN_TEMPERATURE <= t < math.inf):
             bad.append(f"temperature={t!r}")
         k = gc.top_k
         if k is not None and k != 0 and not (isinstance(k, int) and not isinstance(k, bool) and k > 0):

@@ -529,3 +529,22 @@ def test_top_k_1_sampling_with_processors_and_streamer_on_cuda_equals_greedy():
         fast_path = fast.generate(batch_ids, do_sample=True, top_k=1, **kwargs)  # no streamer: the decode loop
     assert torch.equal(got, expected) and torch.equal(fast_path, expected)
     assert_same_calls(ours.calls, theirs.calls)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 1e-39])
+def test_non_finite_or_vanishing_temperatures_are_left_to_transformers(temperature):
+    """Issue 11 item 5, drop-in side: HF's own behaviour (its error, or its sampling), with one
+    FallbackWarning; never fastgpt's token 0."""
+    hf, fast = wrapped()
+    single, *_ = prompts()
+    kwargs = dict(max_new_tokens=3, do_sample=True, temperature=temperature, pad_token_id=0)
+    try:
+        torch.manual_seed(0)
+        expected = hf.generate(single, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever HF raises, the drop-in raises the same
+        with pytest.warns(FallbackWarning, match="temperature"), pytest.raises(type(exc)):
+            fast.generate(single, **kwargs)
+        return
+    torch.manual_seed(0)
+    with pytest.warns(FallbackWarning, match="temperature"):
+        assert torch.equal(fast.generate(single, **kwargs), expected)
