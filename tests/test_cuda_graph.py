@@ -280,7 +280,7 @@ def test_graph_step_equals_eager_step_token_for_token(monkeypatch, triton_on_cud
     torch.manual_seed(batch * 10 + int(padded))
     model = cuda_model(dtype)
     if padded:
-        ids, mask = left_padded(1001, [9 - (b % 5) for b in range(batch)], device="cuda")
+        ids, mask = left_padded(1001, [9 - (b % 5) for b in range(batch)], low=2, device="cuda")
     else:
         ids, mask = torch.randint(2, 1001, (batch, 9), device="cuda"), None
     T, n_new = ids.shape[1], 40
@@ -325,7 +325,7 @@ def test_graph_is_reused_across_calls_with_new_prompts_and_settings(monkeypatch,
     pointers = set()
     for i, (kwargs, lens) in enumerate(zip(settings, lengths)):
         torch.manual_seed(100 + i)
-        ids, mask = left_padded(1001, lens, device="cuda")
+        ids, mask = left_padded(1001, lens, low=2, device="cuda")
         expected, _ = generate_with(monkeypatch, "0", model, ids, 30, attention_mask=mask, pad_token_id=1, **kwargs)
         # "auto" (the default): on for CUDA with the Triton backend.
         got, stats = generate_with(monkeypatch, "auto", model, ids, 30, attention_mask=mask, pad_token_id=1, **kwargs)
