@@ -274,7 +274,8 @@ def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) 
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, n) -> (values, int64 indices)`` of the ``k`` largest per row, ties to the lower
     index: the CUDA/CPU top-k op (``fastgpt.kernels.topk``, contract C3; it falls back to
-    ``torch`` with one warning when the op cannot be built). Records ``topk`` -> its path."""
+    ``torch`` with one warning when the op cannot be built). Records ``topk`` -> its path.
+    Graph-capturable on CUDA once loaded (tests/test_beam_search.py replays it in a CUDA graph)."""
     import fastgpt.kernels.topk as topk_op
 
     values, indices = topk_op.topk(x, k)
