@@ -144,7 +144,7 @@ def _timed(run, device) -> tuple[float, torch.Tensor]:
 def measure_engine(engine, hf, model, ids, n_new, device, repeats) -> dict:
     """Cold call, warm calls (median), a warm 1-token call for the step time, peak memory."""
     from fastgpt import kernels_report, reset_kernels_report
-    from fastgpt.cuda_graph import last_generate_stats
+    from fastgpt import last_generate_stats
 
     on_gpu = device.type == "cuda"
     run, run_one = make_runner(engine, hf, model, ids, n_new), make_runner(engine, hf, model, ids, 1)

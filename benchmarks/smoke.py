@@ -44,9 +44,9 @@ from benchmarks.gpu_check_log import record  # noqa: E402
 
 #: check name -> (module, function): the kernel APIs under test (KERN's C4 renames go here).
 KERNELS = {
-    "prefill": ("fastgpt.kernels.attention", "prefill_attention"),
-    "decode": ("fastgpt.kernels.attention", "decode_attention"),
-    "decode_workspace": ("fastgpt.kernels.attention", "decode_workspace"),
+    "prefill": ("fastgpt.kernels.attention_prefill", "prefill_attention"),
+    "decode": ("fastgpt.kernels.attention_decode", "decode_attention"),
+    "decode_workspace": ("fastgpt.kernels.attention_decode", "decode_workspace"),
     "linear": ("fastgpt.kernels.linear", "linear"),
     "add_layernorm": ("fastgpt.kernels.layernorm", "add_layernorm"),
     "sample": ("fastgpt.kernels.sampling", "sample"),

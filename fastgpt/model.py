@@ -219,7 +219,7 @@ class GPT(nn.Module):
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Hugging Face-compatible generation; see :func:`fastgpt.generate.generate`."""
-        from .generate import generate
+        """Hugging Face-compatible generation; see :func:`fastgpt.generation.generate`."""
+        from .generation import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
