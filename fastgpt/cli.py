@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,8 @@ class CliError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own errors: one line too, exit status 2
-        self.exit(2, f"fastgpt: {message} (see `fastgpt {self.prog.split()[-1]} --help`)\n")
+        message = re.sub(r"^argument (\S+): \1 ", r"\1 ", message)  # our type checks name the flag already
+        self.exit(2, f"fastgpt: {message} (see `{self.prog} --help`)\n")
 
 
 def _int_at_least(minimum: int, flag: str):
@@ -135,9 +137,9 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
-def load_tokenizer(model_arg: str):
-    """The tokenizer for ``--model`` (a checkpoint directory or a cached hub name), or CliError
-    saying what is missing. Runs before the model is built: a missing tokenizer fails fast."""
+def load_tokenizer(model_arg: str | Path):
+    """The tokenizer in a checkpoint directory (or of a cached hub name), or CliError saying what
+    is missing. Runs before the model is built: a missing tokenizer fails fast."""
     directory = Path(model_arg).expanduser()
     if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise CliError(
@@ -159,14 +161,8 @@ def load_tokenizer(model_arg: str):
         ) from None
 
 
-def checkpoint_eos_token_id(model_arg: str) -> int | list[int] | None:
+def checkpoint_eos_token_id(directory: Path) -> int | list[int] | None:
     """The EOS id(s) a checkpoint declares (generation_config.json, then config.json), or None."""
-    from .loading import find_checkpoint
-
-    try:
-        directory = find_checkpoint(model_arg)
-    except FileNotFoundError:
-        return None
     for name in ("generation_config.json", "config.json"):
         try:
             eos = json.loads((directory / name).read_text()).get("eos_token_id")
@@ -209,7 +205,7 @@ class _PrintStream:
 
 # ---- the command -----------------------------------------------------------------------------
 def _run_generate(args: argparse.Namespace) -> int:
-    from .loading import resolve_dtype
+    from .loading import find_checkpoint, resolve_dtype
     from .model import GPT
 
     # Everything that can be checked without the weights is checked first.
@@ -218,10 +214,11 @@ def _run_generate(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
     if args.random_init and args.model not in PRESETS:
         raise CliError(f"--random-init needs a preset ({', '.join(PRESETS)}), got {args.model!r}")
+    checkpoint = None if args.random_init else find_checkpoint(args.model)  # a missing one is named first
     if args.ids is not None:
         ids, tokenizer = parse_ids(args.ids), None
     elif args.prompt is not None:
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(checkpoint or args.model)
         ids = tokenizer.encode(args.prompt)
         if not ids:
             raise CliError("the prompt encodes to no tokens; give a non-empty prompt")
@@ -230,13 +227,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     eos = None
     if not args.ignore_eos:
         eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is None and not args.random_init:
-            eos = checkpoint_eos_token_id(args.model)
+        if eos is None and checkpoint is not None:
+            eos = checkpoint_eos_token_id(checkpoint)
 
     if args.random_init:
         model = GPT.from_config(args.model, dtype=dtype, device=device)
     else:
-        model = GPT.from_pretrained(args.model, dtype=dtype, device=device)
+        model = GPT.from_pretrained(str(checkpoint), dtype=dtype, device=device)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     start = time.perf_counter()
     out = model.generate(input_ids, args.max_new_tokens, eos_token_id=eos, streamer=_PrintStream(tokenizer), **sampling)

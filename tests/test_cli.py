@@ -162,6 +162,7 @@ def test_text_prompt_without_tokenizer_files_fails_before_building_the_model(che
         (["--ids", "1", "--seed", str(2**64)], "--seed must be in [0, 2**63 - 1], got 18446744073709551616"),
         (["--ids", "1", "--seed", "-1"], "--seed must be in [0, 2**63 - 1], got -1"),
         (["--ids", "1", "--model", "/path/to/gpt2"], "no such directory: /path/to/gpt2"),
+        (["some text", "--model", "/path/to/gpt2"], "no such directory: /path/to/gpt2"),
     ],
 )
 def test_bad_arguments_exit_with_one_line(args, message, capsys):
