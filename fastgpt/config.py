@@ -81,6 +81,14 @@ class GPTConfig:
             scale /= float(layer_index + 1)
         return scale
 
+    def query_prescale(self, layer_index: int) -> float:
+        """The factor on q that turns the attention ops' fixed ``1/sqrt(head_dim)`` into
+        :meth:`attention_scale`: exactly 1.0 for GPT-2's own scaling (then nothing runs)."""
+        factor = 1.0 if self.scale_attn_weights else math.sqrt(self.head_dim)
+        if self.scale_attn_by_inverse_layer_idx:
+            factor /= float(layer_index + 1)
+        return factor
+
     def num_parameters(self) -> int:
         """Parameter count, counting a tied embedding once (124M for gpt2)."""
         c, f, L = self.n_embd, self.mlp_width, self.n_layer

@@ -35,7 +35,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         # The attention ops scale q . k by 1/sqrt(head_dim); a config with another scale
         # (scale_attn_weights=False, scale_attn_by_inverse_layer_idx) pre-multiplies q by the ratio.
-        self.query_factor = config.attention_scale(layer_index) * math.sqrt(config.head_dim)
+        self.query_factor = config.query_prescale(layer_index)
 
     def attend(self, qkv: torch.Tensor, cache: KVCache, backend: str) -> torch.Tensor:
         """``qkv``: (B, T, 3C) fused projection -> (B, T, C) attention output, before ``c_proj``."""

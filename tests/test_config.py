@@ -54,6 +54,16 @@ def test_attention_scale_follows_hf_rules():
     )
 
 
+@pytest.mark.parametrize("n_embd, n_head", [(60, 5), (64, 4), (48, 3), (768, 12)])
+def test_query_prescale_is_exactly_one_for_gpt2_scaling(n_embd, n_head):
+    """GPT-2's own scaling must cost nothing: no extra multiply (1/sqrt(12) * sqrt(12) != 1.0)."""
+    assert all(GPTConfig(n_embd=n_embd, n_head=n_head).query_prescale(i) == 1.0 for i in range(4))
+    for flags in ({"scale_attn_weights": False}, {"scale_attn_by_inverse_layer_idx": True}):
+        cfg = GPTConfig(n_embd=n_embd, n_head=n_head, **flags)
+        for i in range(4):
+            assert math.isclose(cfg.query_prescale(i) / math.sqrt(cfg.head_dim), cfg.attention_scale(i))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
