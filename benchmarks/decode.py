@@ -60,6 +60,7 @@ Where results go
 git-ignored run folder ``benchmarks/results/runs/<UTC time>/`` (or ``$RESULTS_DIR`` when it
 names a folder of your own); ``--reference`` writes the committed reference results
 ``benchmarks/results/decode_<device>.*`` (``cpu``, ``h100``, ...), on purpose only.
+The JSON is rewritten after every configuration: an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ import time
 import torch
 
 from benchmarks.common import env_override, measure_copy_bandwidth_gbs, result_header
-from benchmarks.run_folder import write_run
+from benchmarks.run_folder import output_dir, write_json
 from fastgpt import GPTConfig
 
 ENGINES = ("hf-eager", "hf-static", "hf-static-compiled", "fastgpt-torch", "fastgpt-eager", "fastgpt")
@@ -348,7 +349,9 @@ def config_rows(name, source, dtype, batch, prompt_len, n_new, model, hf, m, nby
     return rows
 
 
-def run_suite(args) -> dict:
+def run_suite(args, save=None) -> dict:
+    """Run every configuration of ``args``; ``save(result)`` is called after each one with the
+    result so far (an interrupted run keeps what it measured)."""
     from tqdm import tqdm
 
     device = torch.device(args.device)
@@ -357,7 +360,8 @@ def run_suite(args) -> dict:
     copy_bw = measure_copy_bandwidth_gbs(device) if on_gpu else measure_cpu_copy_bandwidth_gbs()
     if not on_gpu:
         print("No GPU: CPU numbers; fastgpt runs its PyTorch backend here (the Triton kernels need a GPU).")
-    rows = []
+    result = dict(result_header(device), copy_bandwidth_gbs=copy_bw, repeats=args.repeats, rows=[], summary=[])
+    rows = result["rows"]
     bar = tqdm(total=len(args.configs), desc="decode benchmark", unit="config", mininterval=2.0)
     current = None
     for model_name, batch, prompt_len, n_new in args.configs:
@@ -377,10 +381,12 @@ def run_suite(args) -> dict:
             nbytes = step_bytes(model, batch, prompt_len + n_new / 2)
             rows += config_rows(model_name, source, args.dtype, batch, prompt_len, n_new, model, hf, m, nbytes, copy_bw)
             _reset_engine_state(hf)
+            result["summary"] = target_summary(rows)
+            if save is not None:
+                save(result)
         bar.update(1)
     bar.close()
-    return dict(result_header(device), copy_bandwidth_gbs=copy_bw, repeats=args.repeats, rows=rows,
-                summary=target_summary(rows))  # fmt: skip
+    return result
 
 
 def _match_text(r: dict) -> tuple[str, bool | None]:
@@ -537,9 +543,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = run_suite(args)
+    folder = output_dir(args.reference)
+    result = run_suite(args, save=lambda partial: write_json(folder, "decode", partial))
     print_table(result)
-    path = write_run("decode", result, reference=args.reference)
+    path = write_json(folder, "decode", result)
+    print(f"wrote {path}")
     if not args.no_plots:
         from benchmarks.plots import plot_decode
 

@@ -43,9 +43,15 @@ def output_dir(reference: bool) -> Path:
     return path
 
 
+def write_json(folder: Path, name: str, result: dict) -> Path:
+    """Write ``result`` as ``<folder>/<name>_<device>.json`` (again and again as rows come in)."""
+    path = folder / f"{name}_{device_tag(result['device'])}.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
+
+
 def write_run(name: str, result: dict, *, reference: bool = False) -> Path:
     """Write ``result`` as ``<name>_<device>.json`` into :func:`output_dir`; returns the path."""
-    path = output_dir(reference) / f"{name}_{device_tag(result['device'])}.json"
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    path = write_json(output_dir(reference), name, result)
     print(f"wrote {path}")
     return path
