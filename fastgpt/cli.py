@@ -156,7 +156,7 @@ def load_tokenizer(model_arg: str | Path):
         return AutoTokenizer.from_pretrained(str(directory) if directory.is_dir() else model_arg, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CliError(
-            f"no tokenizer on disk for {model_arg!r} (fastgpt never downloads): {str(exc).splitlines()[0]}. "
+            f"no tokenizer on disk for {str(model_arg)!r} (fastgpt never downloads): {str(exc).splitlines()[0]}. "
             "Pass a checkpoint directory that includes the tokenizer files, or token ids with --ids 464,2068,318"
         ) from None
 
@@ -234,6 +234,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         model = GPT.from_config(args.model, dtype=dtype, device=device)
     else:
         model = GPT.from_pretrained(str(checkpoint), dtype=dtype, device=device)
+    vocab = model.config.vocab_size
+    if not all(0 <= t < vocab for t in ids):
+        bad = next(t for t in ids if not 0 <= t < vocab)
+        raise CliError(f"the prompt's token id {bad} is outside this model's vocabulary [0, {vocab - 1}]")
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     start = time.perf_counter()
     out = model.generate(input_ids, args.max_new_tokens, eos_token_id=eos, streamer=_PrintStream(tokenizer), **sampling)

@@ -174,6 +174,12 @@ def test_generate_errors_surface_as_one_line(checkpoint):
     assert "top_p" in fails(["--model", str(checkpoint), "--ids", "1", "--top-p", "1.5"])
 
 
+@pytest.mark.parametrize("ids, bad", [("5,503", 503), ("-1,2", -1)])
+def test_token_ids_outside_the_vocabulary_are_named(checkpoint, ids, bad):
+    message = fails(["--model", str(checkpoint), f"--ids={ids}"])
+    assert f"token id {bad} is outside this model's vocabulary [0, 502]" in message
+
+
 def test_devices(capsys):
     assert "--device must be cpu, cuda or cuda:N, got 'foo'" in fails(["--ids", "1", "--device", "foo"])
     if not torch.cuda.is_available():
