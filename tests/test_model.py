@@ -116,6 +116,18 @@ def test_untied_lm_head_is_used():
     assert torch.equal(model.generate(ids, 5), hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids)))
 
 
+def test_accelerate_follows_an_untied_head_set_after_wrapping():
+    import fastgpt
+
+    hf = hf_gpt2("odd-1001")
+    fast = fastgpt.accelerate(hf)
+    _untie(hf)  # a new Parameter: the wrapper sees new weights and copies them again
+    ids = torch.randint(0, 1001, (1, 6))
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    assert torch.equal(fast.generate(ids, **kwargs), hf.generate(ids, **kwargs))
+    assert fast.model.lm_head is not None
+
+
 def test_untied_config_round_trips_through_save_pretrained(tmp_path):
     hf = hf_gpt2("tiny-503", tie_word_embeddings=False)
     hf.save_pretrained(tmp_path)
