@@ -36,6 +36,7 @@ Per row (JSON field: meaning)
 * ``spread_pct``: ``100 * (max - min) / median`` of the warm call times.
 * ``noisy``: this engine's [min, max] call times overlap another engine's in the same
   configuration, so this run does not establish their order (the table marks it ``~``).
+  With ``--repeats 1`` (``--quick``) there is no spread: ``spread_pct`` and ``noisy`` are None.
 * ``ms_per_token``: one decode step, the median over rounds of ``(t(n) - t(1)) / (n - 1)`` from
   the round's n-token and 1-token calls (prefill cancels out); ``ms_per_token_e2e`` = ``t(n) / n``.
 * ``step_bytes``: what one decode step must read -- every weight once (of the position table the
@@ -320,8 +321,8 @@ def config_rows(name, source, dtype, batch, prompt_len, n_new, model, hf, m, nby
             tokens_per_s=batch * n_new / total,
             tokens_per_s_min=batch * n_new / max(r["times"]),
             tokens_per_s_max=batch * n_new / min(r["times"]),
-            spread_pct=100 * (max(r["times"]) - min(r["times"])) / total,
-            noisy=engine in noisy,
+            spread_pct=100 * (max(r["times"]) - min(r["times"])) / total if len(r["times"]) > 1 else None,
+            noisy=engine in noisy if len(r["times"]) > 1 else None,  # one call: no spread, no noise check
             repeats=len(r["times"]),
             times_s=r["times"],
             ms_per_token=step * 1e3,
@@ -461,8 +462,9 @@ def print_table(result: dict) -> None:
         sx_s = f"{r['speedup_vs_hf_static']:.2f}" if "speedup_vs_hf_static" in r else "-"
         peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"
         tps = ("~" if r["noisy"] else "") + f"{r['tokens_per_s']:.1f}"
+        spread = f"{r['spread_pct']:.0f}%" if r["spread_pct"] is not None else "-"
         print(
-            f"{lead}{tps:>10}{r['spread_pct']:>7.0f}%{r['ms_per_token']:>9.2f}{roof:>9}{sx_e:>8}{sx_s:>9}{peak:>8}"
+            f"{lead}{tps:>10}{spread:>8}{r['ms_per_token']:>9.2f}{roof:>9}{sx_e:>8}{sx_s:>9}{peak:>8}"
             f"  {_match_text(r)[0]}"
         )
     if any(r.get("noisy") for r in result["rows"]):
