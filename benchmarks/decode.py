@@ -74,6 +74,7 @@ import time
 import torch
 
 from benchmarks.common import env_override, measure_copy_bandwidth_gbs, result_header
+from benchmarks.decode_report import print_table, target_summary
 from benchmarks.run_folder import output_dir, write_json
 from fastgpt import GPTConfig
 
@@ -388,107 +389,6 @@ def run_suite(args, save=None) -> dict:
         bar.update(1)
     bar.close()
     return result
-
-
-def _match_text(r: dict) -> tuple[str, bool | None]:
-    if "greedy_match" not in r:
-        return "not compared", None
-    if r["greedy_match"]:
-        return "identical", True
-    if r.get("divergence_near_tie"):
-        return f"near-tie after {r['match_prefix_min']} tokens", True
-    return f"MISMATCH after {r['match_prefix_min']} tokens (gap {r.get('divergence_gap', float('nan')):.3g})", False
-
-
-def target_summary(rows: list[dict]) -> list[dict]:
-    """The issue's targets (H100, fp16, 128-token prompt, 256 new tokens, warm) for the rows present."""
-
-    def find(engine, model, batch):
-        for r in rows:
-            if "error" in r:
-                continue
-            key = (r["engine"], r["model"], r["batch"], r["prompt_len"], r["new_tokens"])
-            if key == (engine, model, batch, 128, 256):
-                return r
-        return None
-
-    out = []
-
-    def add(metric: str, value, target: str, met: bool | None) -> None:
-        out.append(dict(metric=metric, value=value, target=target, met=met))
-
-    if (r := find("fastgpt", "gpt2", 1)) is not None:
-        add("decode gpt2 b1 tokens/s", r["tokens_per_s"], ">= 5000", r["tokens_per_s"] >= 5000)
-        if r.get("roofline_frac") is not None:
-            add("decode gpt2 b1 roofline", r["roofline_frac"], "> 0.40", r["roofline_frac"] > 0.4)
-        for base, goal in (("hf_eager", 70), ("hf_static", 15)):
-            if f"speedup_vs_{base}" in r:
-                value = r[f"speedup_vs_{base}"]
-                add(f"decode gpt2 b1 speed-up vs {base}", value, f">= {goal}x", value >= goal)
-        text, ok = _match_text(r)
-        add("decode gpt2 b1 greedy vs HF eager", text, "identical or near-tie", ok)
-        if r.get("graph") and r["graph"].get("warm"):
-            path = str(r["graph"]["warm"]["path"])
-            add("decode gpt2 b1 warm decode path", path, "graph", path == "graph")
-        if r.get("peak_mem_mb") is not None:
-            add("decode gpt2 b1 peak memory MB (weights+KV+workspace)", r["peak_mem_mb"], "report", None)
-    if (r := find("fastgpt", "gpt2-xl", 1)) is not None and r.get("roofline_frac") is not None:
-        add("decode gpt2-xl b1 roofline", r["roofline_frac"], ">= 0.80", r["roofline_frac"] >= 0.8)
-        text, ok = _match_text(r)
-        add("decode gpt2-xl b1 greedy vs HF eager", text, "identical or near-tie", ok)
-    if (r := find("fastgpt", "gpt2", 64)) is not None and "speedup_vs_hf_eager" in r:
-        value = r["speedup_vs_hf_eager"]
-        add("decode gpt2 b64 speed-up vs hf_eager", value, ">= 10x", value >= 10)
-    return out
-
-
-def print_table(result: dict) -> None:
-    bw = result["copy_bandwidth_gbs"]
-    print(f"\n{result['device']}  commit {result['commit']}  copy bandwidth {f'{bw:.1f}' if bw else '-'} GB/s  "
-          f"median of {result.get('repeats', '?')} warm calls per row")  # fmt: skip
-    head = (
-        f"{'engine':<15}{'model':<11}{'B':>3}{'prompt':>7}{'new':>5}{'tok/s':>10}{'spread':>8}{'ms/step':>9}"
-        f"{'roofline':>9}{'x eager':>8}{'x static':>9}{'peak MB':>8}  greedy vs HF eager"
-    )
-    print(head)
-    print("-" * len(head))
-    for r in result["rows"]:
-        lead = f"{r['engine']:<15}{r['model']:<11}{r['batch']:>3}{r['prompt_len']:>7}{r['new_tokens']:>5}"
-        if "error" in r:
-            print(f"{lead}  error: {r['error'][:90]}")
-            continue
-        roof = f"{100 * r['roofline_frac']:.1f}%" if r.get("roofline_frac") is not None else "-"
-        sx_e = f"{r['speedup_vs_hf_eager']:.2f}" if "speedup_vs_hf_eager" in r else "-"
-        sx_s = f"{r['speedup_vs_hf_static']:.2f}" if "speedup_vs_hf_static" in r else "-"
-        peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"
-        tps = ("~" if r["noisy"] else "") + f"{r['tokens_per_s']:.1f}"
-        spread = f"{r['spread_pct']:.0f}%" if r["spread_pct"] is not None else "-"
-        print(
-            f"{lead}{tps:>10}{spread:>8}{r['ms_per_token']:>9.2f}{roof:>9}{sx_e:>8}{sx_s:>9}{peak:>8}"
-            f"  {_match_text(r)[0]}"
-        )
-    if any(r.get("noisy") for r in result["rows"]):
-        print("~ : this engine's call times overlap another engine's in the same configuration: the run does not "
-              "rank them (a busy machine, or engines that are equally fast)")  # fmt: skip
-    said = set()
-    for r in result["rows"]:
-        graph = r.get("graph")
-        if graph and graph["first_call"] and graph["first_call"].get("captured"):
-            print(
-                f"  {r['engine']} {r['model']} b{r['batch']} p{r['prompt_len']} n{r['new_tokens']}: first call "
-                f"{r['first_call_s']:.2f} s including CUDA-graph capture {r['capture_s']:.3f} s (warm numbers above)"
-            )
-        elif graph and graph["warm"] and graph["warm"]["path"] != "graph" and r["backend"] != "torch":
-            line = f"  {r['engine']} {r['model']}: eager decode ({graph['warm']['reason']})"
-            if line not in said:
-                said.add(line)
-                print(line)
-    if result.get("summary"):
-        print("\ntargets:")
-        for s in result["summary"]:
-            value = f"{s['value']:.3g}" if isinstance(s["value"], float) else str(s["value"])
-            met = {True: "MET", False: "missed", None: "-"}[s["met"]]
-            print(f"  {s['metric']:<58}{value:>28}  target {s['target']:<22}{met}")
 
 
 def default_configs(on_gpu: bool, full: bool) -> list[tuple[str, int, int, int]]:
