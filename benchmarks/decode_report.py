@@ -2,6 +2,7 @@
 issue's targets (H100, fp16, 128-token prompt, 256 new tokens) stored in the JSON's ``summary``.
 
 Field meanings are in ``benchmarks/decode.py``'s docstring and the README's Benchmark section.
+``python -m benchmarks.decode_report RESULTS.json`` prints a results file's rows as Markdown.
 """
 
 from __future__ import annotations
@@ -59,31 +60,57 @@ def target_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+#: The table's columns: (header, width, cell of a row); a negative width aligns left.
+COLUMNS = [
+    ("engine", -15, lambda r: r["engine"]),
+    ("model", -11, lambda r: r["model"]),
+    ("B", 3, lambda r: str(r["batch"])),
+    ("prompt", 7, lambda r: str(r["prompt_len"])),
+    ("new", 5, lambda r: str(r["new_tokens"])),
+    ("tok/s", 10, lambda r: ("~" if r["noisy"] else "") + f"{r['tokens_per_s']:.1f}"),
+    ("spread", 8, lambda r: _pct(r["spread_pct"])),
+    ("ms/step", 9, lambda r: f"{r['ms_per_token']:.2f}"),
+    ("roofline", 9, lambda r: "-" if r.get("roofline_frac") is None else f"{100 * r['roofline_frac']:.1f}%"),
+    ("x eager", 8, lambda r: f"{r['speedup_vs_hf_eager']:.2f}" if "speedup_vs_hf_eager" in r else "-"),
+    ("x static", 9, lambda r: f"{r['speedup_vs_hf_static']:.2f}" if "speedup_vs_hf_static" in r else "-"),
+    ("peak MB", 8, lambda r: "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"),
+    ("  greedy vs HF eager", -2, lambda r: "  " + _match_text(r)[0]),
+]
+#: The columns that identify a row (shown for a row that failed, with its error).
+KEY_COLUMNS = 5
+
+
+def _cells(r: dict) -> list[str]:
+    if "error" in r:
+        return [cell(r) for _, _, cell in COLUMNS[:KEY_COLUMNS]] + [f"  error: {r['error'][:90]}"]
+    return [cell(r) for _, _, cell in COLUMNS]
+
+
+def _aligned(cells: list[str]) -> str:
+    return "".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, (_, w, _) in zip(cells, COLUMNS)).rstrip()
+
+
+def markdown_table(result: dict) -> str:
+    """The rows as a Markdown table (the README's reference tables)."""
+    lines = ["| " + " | ".join(h.strip() for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in result["rows"]:
+        cells = [c.strip() for c in _cells(r)]
+        lines.append("| " + " | ".join(cells + [""] * (len(COLUMNS) - len(cells))) + " |")
+    return "\n".join(lines)
+
+
 def print_table(result: dict) -> None:
     bw = result["copy_bandwidth_gbs"]
     print(f"\n{result['device']}  commit {result['commit']}  copy bandwidth {f'{bw:.1f}' if bw else '-'} GB/s  "
           f"median of {result.get('repeats', '?')} warm calls per row")  # fmt: skip
-    head = (
-        f"{'engine':<15}{'model':<11}{'B':>3}{'prompt':>7}{'new':>5}{'tok/s':>10}{'spread':>8}{'ms/step':>9}"
-        f"{'roofline':>9}{'x eager':>8}{'x static':>9}{'peak MB':>8}  greedy vs HF eager"
-    )
-    print(head)
-    print("-" * len(head))
+    header = _aligned([h for h, _, _ in COLUMNS])
+    print(header + "\n" + "-" * len(header))
     for r in result["rows"]:
-        lead = f"{r['engine']:<15}{r['model']:<11}{r['batch']:>3}{r['prompt_len']:>7}{r['new_tokens']:>5}"
-        if "error" in r:
-            print(f"{lead}  error: {r['error'][:90]}")
-            continue
-        roof = f"{100 * r['roofline_frac']:.1f}%" if r.get("roofline_frac") is not None else "-"
-        sx_e = f"{r['speedup_vs_hf_eager']:.2f}" if "speedup_vs_hf_eager" in r else "-"
-        sx_s = f"{r['speedup_vs_hf_static']:.2f}" if "speedup_vs_hf_static" in r else "-"
-        peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"
-        tps = ("~" if r["noisy"] else "") + f"{r['tokens_per_s']:.1f}"
-        spread = f"{r['spread_pct']:.0f}%" if r["spread_pct"] is not None else "-"
-        print(
-            f"{lead}{tps:>10}{spread:>8}{r['ms_per_token']:>9.2f}{roof:>9}{sx_e:>8}{sx_s:>9}{peak:>8}"
-            f"  {_match_text(r)[0]}"
-        )
+        print(_aligned(_cells(r)))
     if any(r.get("noisy") for r in result["rows"]):
         print("~ : this engine's call times overlap another engine's in the same configuration: the run does not "
               "rank them (a busy machine, or engines that are equally fast)")  # fmt: skip
@@ -106,3 +133,17 @@ def print_table(result: dict) -> None:
             value = f"{s['value']:.3g}" if isinstance(s["value"], float) else str(s["value"])
             met = {True: "MET", False: "missed", None: "-"}[s["met"]]
             print(f"  {s['metric']:<58}{value:>28}  target {s['target']:<22}{met}")
+
+
+def main(argv=None) -> None:
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m benchmarks.decode_report RESULTS.json  (prints the rows as Markdown)")
+    print(markdown_table(json.loads(open(argv[0]).read())))
+
+
+if __name__ == "__main__":
+    main()

@@ -193,3 +193,14 @@ def test_step_bytes_counts_weights_once_and_the_live_kv():
     weights = sum(p.numel() for p in model.parameters()) * 4
     expected = weights - 32 * 16 * 4 + 2 * 16 * 4 + 2 * 3 * 2 * 10.0 * 16 * 4
     assert decode.step_bytes(model, batch=2, context=10.0) == pytest.approx(expected)
+
+
+def test_markdown_table_has_one_line_per_row_and_marks_noise():
+    from benchmarks.decode_report import COLUMNS, markdown_table
+
+    result = synthetic_gpu_result()
+    lines = markdown_table(result).splitlines()
+    assert len(lines) == 2 + len(result["rows"])
+    assert all(line.count("|") == len(COLUMNS) + 1 for line in lines)
+    assert "| hf-eager | gpt2 | 1 | 128 | 256 | ~70.0 |" in lines[2]
+    assert "error: RuntimeError: x" in lines[-1]
