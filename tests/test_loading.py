@@ -138,3 +138,12 @@ def test_a_path_that_does_not_exist_says_so_without_cache_names(path):
     with pytest.raises(FileNotFoundError) as info:
         GPT.from_pretrained(path)
     assert "no such directory" in str(info.value) and "models--" not in str(info.value)
+
+
+def test_a_config_of_another_model_type_names_the_file_and_the_type(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: fastgpt cannot run this GPT-2 config: model_type='llama'"):
+        GPT.from_pretrained(str(tmp_path))
