@@ -190,7 +190,7 @@ class _PrintStream:
             self.tokens += new
         else:
             self.tokens += new
-            text = self.tokenizer.decode(self.tokens)
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # hold back a character whose UTF-8 bytes are not all here yet
                 self.out.write(text[len(self.printed) :])
                 self.printed = text
@@ -198,7 +198,7 @@ class _PrintStream:
 
     def end(self) -> None:
         if self.tokenizer is not None:
-            self.out.write(self.tokenizer.decode(self.tokens)[len(self.printed) :])
+            self.out.write(self.tokenizer.decode(self.tokens, skip_special_tokens=True)[len(self.printed) :])
         self.out.write("\n")
         self.out.flush()
 
