@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate tokens after a prompt")
     g.add_argument("prompt", nargs="?", help="text prompt (needs a tokenizer on disk); or use --ids")
     g.add_argument("--ids", help="comma-separated prompt token ids, e.g. 464,2068,318")
-    g.add_argument("--model", default="gpt2", help=f"preset ({', '.join(PRESETS)}) or a checkpoint directory")
+    g.add_argument("--model", default="gpt2", help=f"a checkpoint directory, a model in the local HF cache, or with --random-init a preset "
+                   f"({', '.join(PRESETS)}); default gpt2")
     g.add_argument("--random-init", action="store_true", help="random weights of the preset's shape (no checkpoint)")
-    g.add_argument("--max-new-tokens", type=_int_at_least(1, "--max-new-tokens"), default=50)
+    g.add_argument("--max-new-tokens", type=_int_at_least(1, "--max-new-tokens"), default=50,
+                   help="tokens to generate, >= 1 (default 50; fewer when the EOS comes first)")
     g.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature > 0; 0 means greedy (default: greedy, or 1 with a sampling flag)")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (implies sampling)")
