@@ -47,6 +47,7 @@ import warnings
 
 import torch
 
+from .config import unsupported_hf_config
 from .generation import run
 from .hf_arguments import SUPPORTED, Fallback, as_id_list, fallback_reasons, hf_penalizes_pad_slots
 from .settings import GenerationSettings, LengthError, left_padding
@@ -94,7 +95,8 @@ class AcceleratedModel:
             raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
         # Set through __dict__: __getattr__ forwards unknown names to the HF model.
         self.__dict__.update(hf_model=hf_model, strict=strict, model=None, _weights_key=None, _pad_warned=False)
-        self._rebuild()
+        if not unsupported_hf_config(hf_model.config):  # otherwise every call falls back (see _plan)
+            self._rebuild()
 
     # ---- the fastgpt copy ----------------------------------------------------------------
     def _current_weights_key(self) -> tuple:
@@ -131,6 +133,8 @@ class AcceleratedModel:
         return self.hf_model(*args, **kwargs)
 
     def __repr__(self) -> str:
+        if self.model is None:
+            return f"AcceleratedModel(falls back to Hugging Face: {'; '.join(unsupported_hf_config(self.hf_model.config))})"
         c = self.model.config
         return (
             f"AcceleratedModel(GPT-2 n_layer={c.n_layer} n_embd={c.n_embd} vocab={c.vocab_size}, "
@@ -192,6 +196,8 @@ class AcceleratedModel:
     def _plan(self, call: dict, kwargs: dict) -> tuple:
         """``(settings, input_ids, row_start)`` for this call, or raise Fallback naming what is not supported."""
         reasons, input_ids, gc, model_kwargs, has_default_max_length = fallback_reasons(self.hf_model, call, dict(kwargs))
+        # A model setting fastgpt does not reproduce exactly (e.g. a ReLU MLP) sends every call to HF.
+        reasons = unsupported_hf_config(self.hf_model.config) + reasons
         if reasons:
             raise Fallback(reasons)
 

@@ -548,3 +548,42 @@ def test_non_finite_or_vanishing_temperatures_are_left_to_transformers(temperatu
     torch.manual_seed(0)
     with pytest.warns(FallbackWarning, match="temperature"):
         assert torch.equal(fast.generate(single, **kwargs), expected)
+
+
+# ---- model settings (issue 11 items 3, 4): followed, or the call falls back -------------------
+@pytest.mark.parametrize(
+    "flags",
+    [dict(scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True), dict(n_inner=100, reorder_and_upcast_attn=True)],
+    ids=["attention-scales", "n_inner-upcast"],
+)
+def test_accelerate_follows_gpt2_config_flags(flags):
+    hf = hf_gpt2("odd-1001", attn_implementation="eager", **flags)
+    ids = torch.randint(0, 1001, (2, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)  # fastgpt runs it: no fallback
+        got = fastgpt.accelerate(hf).generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    assert torch.equal(got, want)
+
+
+def test_accelerate_uses_an_untied_lm_head():
+    hf = hf_gpt2("odd-1001")
+    torch.manual_seed(7)
+    hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight) * 0.08)  # as a user unties it
+    ids = torch.randint(0, 1001, (1, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        got = fastgpt.accelerate(hf).generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+
+
+def test_an_unsupported_activation_falls_back_to_transformers_or_raises_when_strict():
+    hf = hf_gpt2("tiny-503", activation_function="relu")
+    ids = torch.randint(0, 503, (1, 5))
+    fast = fastgpt.accelerate(hf)
+    assert fast.model is None and "relu" in repr(fast)  # nothing copied: every call goes to HF
+    with pytest.warns(FallbackWarning, match="activation_function='relu'"):
+        got = fast.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, hf.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    with pytest.raises(ValueError, match="activation_function='relu'"):
+        fastgpt.accelerate(hf, strict=True).generate(ids, max_new_tokens=4, pad_token_id=0)
