@@ -75,8 +75,9 @@ import triton.language as tl
 
 from fastgpt.reference import LINEAR_ACTIVATIONS
 
+from .attention_decode import AttentionPartials, _active_splits, combined_attention_tile
 from .layernorm import add_layernorm, as_rows, check_no_partial_overlap, check_rows_disjoint
-from .utils import check_tensor, interpreting, note_launch, triton_usable_on
+from .utils import check_tensor, interpreting, note_launch, pdl_enabled, triton_usable_on
 
 __all__ = [
     "GEMV_MAX_M",
@@ -140,7 +141,7 @@ def _block_m(M: int) -> int:
 
 
 
-@triton.jit(do_not_specialize=["count_slot"])
+@triton.jit(do_not_specialize=["count_slot", "attn_heads", "attn_max_len", "attn_chunk", "attn_n_split"])
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -152,6 +153,14 @@ def _gemv_kernel(
     part_ptr,
     count_ptr,
     count_slot,
+    attn_o_ptr,
+    attn_m_ptr,
+    attn_l_ptr,
+    attn_pos_ptr,
+    attn_heads,
+    attn_max_len,
+    attn_chunk,
+    attn_n_split,
     M,
     N,
     K,
@@ -173,6 +182,8 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter + bfloat16 only, see _dot_flags
+    ATTN_HEAD_DIM: tl.constexpr,  # > 0: x is the attention output, combined here from its partials
+    USE_PDL: tl.constexpr,  # programmatic dependent launch: weights before gdc_wait, the rest after
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -200,8 +211,15 @@ def _gemv_kernel(
         w_next = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_hi)[None, :], other=0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
+    if USE_PDL:
+        # Above: constant data only (the weight, the bias), issued while the previous kernel may
+        # still run. Below: its outputs (x, the residual, the attention partials) and our writes.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :], mask=mask_mn, other=0.0)
+    if ATTN_HEAD_DIM > 0:
+        n_active, pos_ok = _active_splits(tl.load(attn_pos_ptr), attn_max_len, attn_chunk, attn_n_split)
 
     if HAS_LN:
         # Row statistics over the whole of K (every split needs them), exact two-pass maths.
@@ -241,7 +259,13 @@ def _gemv_kernel(
             w_next = tl.load(w_rows + offs_nx[None, :], mask=mask_n[:, None] & (offs_nx < k_hi)[None, :], other=0.0)
             offs_k = k0 + offs_kb
             mask_k = offs_k < k_hi
-            xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (1, BK)
+            if ATTN_HEAD_DIM > 0:
+                xt = combined_attention_tile(
+                    attn_o_ptr, attn_m_ptr, attn_l_ptr, offs_m, mask_m, offs_k, mask_k,
+                    attn_heads, attn_n_split, n_active, pos_ok, ATTN_HEAD_DIM,
+                ).to(w_ptr.dtype.element_ty)  # (1, BK), rounded as a stored attention output
+            else:
+                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (1, BK)
             if HAS_LN:
                 g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                 b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -255,7 +279,13 @@ def _gemv_kernel(
         for k0 in range(k_lo, k_hi, BLOCK_K):  # tl.dot loads are software-pipelined (num_stages)
             offs_k = k0 + offs_kb
             mask_k = offs_k < k_hi
-            xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BM, BK)
+            if ATTN_HEAD_DIM > 0:
+                xt = combined_attention_tile(
+                    attn_o_ptr, attn_m_ptr, attn_l_ptr, offs_m, mask_m, offs_k, mask_k,
+                    attn_heads, attn_n_split, n_active, pos_ok, ATTN_HEAD_DIM,
+                ).to(w_ptr.dtype.element_ty)  # (BM, BK)
+            else:
+                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BM, BK)
             if HAS_LN:
                 g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                 b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -440,6 +470,33 @@ def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias
     return as_rows(x, "x"), N, K
 
 
+def _check_attn_partials(partials, x, weight, ln_weight) -> torch.Tensor:
+    """Validate ``attn_partials`` (with ``x`` None); returns the (B, 1, H*D) stand-in for x's shape."""
+    if not isinstance(partials, AttentionPartials):
+        raise TypeError(f"attn_partials must be the AttentionPartials of decode_attention(combine=False), got {type(partials).__name__}")
+    if x is not None:
+        raise ValueError("pass x or attn_partials, not both: with attn_partials, x is the combined attention output")
+    if ln_weight is not None:
+        raise ValueError("attn_partials takes no LayerNorm (ln_weight must be None)")
+    rows = partials.rows
+    check_tensor(weight, "weight", ndim=2)
+    for name, t in (("attn_partials.o", partials.o), ("attn_partials.m", partials.m), ("attn_partials.l", partials.l)):
+        check_tensor(t, name, dtypes=(torch.float32,), device=rows.device)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    B, H, S, D = partials.o.shape
+    if tuple(partials.m.shape) != (B, H, S) or tuple(partials.l.shape) != (B, H, S):
+        raise ValueError(f"attn_partials.m and .l must be ({B}, {H}, {S}), got {tuple(partials.m.shape)}, {tuple(partials.l.shape)}")
+    if tuple(rows.shape) != (B, 1, H * D):
+        raise ValueError(f"attn_partials.rows must be ({B}, 1, {H * D}), got {tuple(rows.shape)}")
+    check_tensor(partials.cache_pos, "attn_partials.cache_pos", ndim=1, dtypes=(torch.int32,), device=rows.device)
+    if not 1 <= partials.chunk or partials.chunk * S < partials.max_len:
+        raise ValueError(f"attn_partials: {S} chunks of {partials.chunk} slots must cover max_len={partials.max_len}")
+    if B * H * S * D > _INT32_MAX // 2:
+        raise ValueError(f"attn_partials.o has {B * H * S * D} elements; at most {_INT32_MAX // 2} are supported")
+    return rows
+
+
 def _check_out(out, x, N, dtype, device, residual, weight):
     expected = (*x.shape[:-1], N)
     if out is None:
@@ -492,7 +549,7 @@ def _dot_flags(dtype: torch.dtype) -> tuple[str, bool]:
 
 
 def linear(
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -503,6 +560,7 @@ def linear(
     ln_eps: float = 1e-5,
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    attn_partials: AttentionPartials | None = None,
 ) -> torch.Tensor:
     """``residual + act(LN(x) @ weight.T + bias)`` for ``M <= GEMV_MAX_M`` rows, one Triton launch.
 
@@ -517,6 +575,11 @@ def linear(
     ln_weight, ln_bias : (K,) -- LayerNorm ``x`` first (eps ``ln_eps`` > 0); both or neither.
     out : (..., N) preallocated output, or None to allocate. Must not overlap x or weight.
     config : the tile config, or None for :func:`default_config`.
+    attn_partials : the decode attention's partials (``decode_attention(..., combine=False)``),
+        with ``x`` None: ``x`` is then the attention output ``(B, 1, H*D)``, combined from the
+        splits in the prologue (each program for the K columns it reads; the splits whose chunk
+        starts at or before ``cache_pos``, read on the device) and rounded to the weight's dtype,
+        exactly what the combine kernel would have stored. No LayerNorm with it.
 
     Returns
     -------
@@ -524,6 +587,8 @@ def linear(
 
     CUDA-graph capturable once the same call ran eagerly (compile, split-K workspace).
     """
+    if attn_partials is not None:
+        x = _check_attn_partials(attn_partials, x, weight, ln_weight)
     x_rows, N, K = _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps)
     dtype, device = x.dtype, x.device
     if not triton_usable_on(device):
@@ -558,19 +623,27 @@ def linear(
     dot_precision, upcast_dot = _dot_flags(dtype)
     if not has_ln:
         ln_weight = ln_bias = out_rows  # unused (HAS_LN=False)
+    if attn_partials is not None:
+        ap = attn_partials
+        attn_args = (ap.o, ap.m, ap.l, ap.cache_pos, ap.n_head, ap.max_len, ap.chunk, ap.n_split)
+    else:
+        attn_args = (out_rows, out_rows, out_rows, out_rows, 0, 0, 0, 0)  # unused (ATTN_HEAD_DIM=0)
+    use_pdl = pdl_enabled(device)
 
     _gemv_kernel[(n_tiles, n_split)](
         x_rows, weight, bias if bias is not None else out_rows, res_rows, out_rows,
-        ln_weight, ln_bias, partials, counters, count_slot,
+        ln_weight, ln_bias, partials, counters, count_slot, *attn_args,
         M, N, K, x_rows.stride(0), weight.stride(0), res_rows.stride(0), out_rows.stride(0),
         n_split, k_per_split, float(ln_eps),
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_RESIDUAL=residual is not None,
         HAS_LN=has_ln, LN_ROW=_ln_row(has_ln, M, K), USE_SPLIT=n_split > 1,
         BLOCK_M=_block_m(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot,
+        ATTN_HEAD_DIM=attn_partials.head_dim if attn_partials is not None else 0,
+        USE_PDL=use_pdl, launch_pdl=use_pdl,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    note_launch("linear", "triton", config=config, n_split=n_split)
+    note_launch("linear", "triton", config=config, n_split=n_split, attn_combine=attn_partials is not None, pdl=use_pdl)
     return out
 
 

@@ -17,7 +17,9 @@ import torch
 
 import fastgpt.backend as backend
 from fastgpt import GPT, GPTConfig, kernels_report, reference, reset_kernels_report
+from fastgpt.kernels import attention_decode as AD
 from fastgpt.kernels import linear as KL
+from fastgpt.kernels.utils import launch_record
 from tests.kernel_helpers import LaunchCounter, run_compile_workers, spill_bytes
 from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
 
@@ -210,6 +212,90 @@ def test_every_candidate_tile(M, tile):
     for split in (1, 3):
         out = run_gemv(inp, "gelu_tanh", KL.GemvConfig(bn, bk, warps, stages, split))
         assert_close(out, reference64(inp, "gelu_tanh"), torch.float32, f"tile {tile} split {split}")
+
+
+# --------------------------------------------------------------------------------------------
+# the attention combine in the out-projection's prologue
+# --------------------------------------------------------------------------------------------
+def attention_step(B, H, D, S_max, pos, n_split, dtype, pad, seed):
+    """One decode attention step left as partials (``combine=False``), on a random cache.
+
+    Returns ``(partials, ref_attn)``: ``ref_attn`` (B, 1, H*D) float64 is the reference attention
+    output rounded to ``dtype`` (what a stored attention output holds) -- the out-projection's x.
+    The partials workspace is poisoned with NaN first: splits that must not be read stay NaN.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)  # noqa: E731
+    k_cache, v_cache = rnd(B, H, S_max, D), rnd(B, H, S_max, D)
+    qkv = rnd(B, 1, 3 * H * D)
+    q, k, v = qkv.view(B, 1, 3, H, D).unbind(2)  # (B, 1, H, D) strided views, as in the model
+    # Row 1 (when present) is all padding (an all-pad row gives 0), row 2 starts mid-history.
+    row_start = torch.tensor([0, pos + 1, pos // 2][:B] + [0] * max(0, B - 3), dtype=torch.int32, device=DEVICE)
+    if not pad:
+        row_start.zero_()
+    kr, vr = k_cache.double().clone(), v_cache.double().clone()
+    workspace = AD.decode_workspace(B, H, D, S_max, DEVICE, n_split=n_split)
+    for t in workspace.values():
+        t.fill_(float("nan"))
+    cache_pos = torch.tensor([pos], dtype=torch.int32, device=DEVICE)
+    partials = AD.decode_attention(q, k, v, k_cache, v_cache, cache_pos, row_start, workspace, combine=False)
+    ref = reference.attention(q.double(), k.double(), v.double(), kr, vr, pos, row_start)  # (B, 1, H, D)
+    return partials, ref.to(dtype).double().flatten(2)  # (B, 1, H*D)
+
+
+def reference_out_projection(ref_attn, inp):
+    """float64 ``residual + ref_attn @ W^T + bias``."""
+    d = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    return reference.linear(ref_attn, d["weight"], d["bias"], residual=d["residual"])
+
+
+# (B, H, S_max, pos, n_split, pad, config): M = 1 (element-wise path) and M > 1 (tl.dot), splits 1 .. 9,
+# the position on a chunk boundary, splits after the position (stale partials never read), split-K.
+ATTN_COMBINE_CASES = [
+    (1, 2, 40, 39, 1, False, None),
+    (1, 2, 100, 64, 7, False, None),
+    (1, 2, 150, 20, 9, False, KL.GemvConfig(16, 64, 4, 1, 2)),  # split-K: each split combines its K
+    (3, 2, 70, 55, 5, True, None),
+    (2, 2, 50, 31, 2, True, KL.GemvConfig(16, 64, 4, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("B, H, S_max, pos, n_split, pad, config", ATTN_COMBINE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_out_projection_combines_attention_partials(B, H, S_max, pos, n_split, pad, config, dtype, gemv_launches):
+    D = 64
+    partials, ref_attn = attention_step(B, H, D, S_max, pos, n_split, dtype, pad, seed=pos + n_split)
+    assert partials.n_split == n_split
+    inp = make_inputs(B, 40, H * D, dtype, ln=False, lead=(B, 1), seed=n_split)
+    del inp["x"], inp["ln_weight"], inp["ln_bias"]
+    out = poisoned((B, 1, 40), dtype)
+    got = KL.linear(None, **inp, out=out, config=config, attn_partials=partials)
+    assert got is out and gemv_launches.launches == 1
+    record = launch_record()
+    assert record["linear"]["attn_combine"] is True and record["attention_decode"]["launches"] == 1
+    assert_close(out, reference_out_projection(ref_attn, inp), dtype, f"B={B} n_split={n_split} config={config}")
+
+
+def test_attention_partials_out_of_range_position_gives_nan():
+    partials, _ = attention_step(1, 2, 64, 40, 20, 3, torch.float32, False, seed=0)
+    partials.cache_pos.fill_(40)  # S_max: out of range (nothing valid; the combine says so loudly)
+    inp = make_inputs(1, 24, 128, torch.float32, ln=False, residual=False, lead=(1, 1))
+    out = KL.linear(None, inp["weight"], inp["bias"], attn_partials=partials)
+    assert out.isnan().all()
+
+
+def test_attention_partials_bad_arguments_raise(gemv_launches):
+    partials, _ = attention_step(1, 2, 64, 40, 20, 3, torch.float32, False, seed=0)
+    inp = make_inputs(1, 24, 128, torch.float32, lead=(1, 1))
+    with pytest.raises(ValueError, match="pass x or attn_partials, not both"):
+        KL.linear(inp["x"], inp["weight"], attn_partials=partials)
+    with pytest.raises(ValueError, match="no LayerNorm"):
+        KL.linear(None, inp["weight"], ln_weight=inp["ln_weight"], ln_bias=inp["ln_bias"], attn_partials=partials)
+    with pytest.raises(TypeError, match="attn_partials must be the AttentionPartials"):
+        KL.linear(None, inp["weight"], attn_partials=partials.o)
+    with pytest.raises(ValueError, match=r"weight must be \(N, K=128\)"):
+        KL.linear(None, inp["weight"][:, :100], attn_partials=partials)
+    assert gemv_launches.launches == 0
 
 
 def test_strided_rows_leading_dims_and_in_place_residual():
