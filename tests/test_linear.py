@@ -567,6 +567,10 @@ def _compile_specs() -> list[dict]:
     for dtype in ("fp32", "bf16"):
         specs.append(dict(dtype=dtype, block_m=1, tile=list(KL.M1_TILES[0]), split=True))
     specs.append(dict(dtype="bf16", block_m=16, tile=list(KL.DOT_TILES[0]), split=True))
+    # The out-projection with the attention combine in its prologue (no LayerNorm there).
+    for block_m, tiles in ((1, KL.M1_TILES), (16, KL.DOT_TILES)):
+        for split in (False, True):
+            specs.append(dict(dtype="fp16", block_m=block_m, tile=list(tiles[0]), split=split, attn=64))
     return specs
 
 
@@ -593,10 +597,13 @@ def _compile_worker() -> None:
     for spec in json.loads(sys.stdin.read()):
         dt = spec["dtype"]
         bn, bk, warps, stages = spec["tile"]
+        attn = spec.get("attn", 0)
+        flags = dict(_ALL_FLAGS, HAS_LN=False) if attn else _ALL_FLAGS
         constexprs = dict(
-            _ALL_FLAGS, LN_ROW=2048 if spec["block_m"] == 1 else 0,  # GPT-2 XL's 1600 features
+            flags, LN_ROW=2048 if spec["block_m"] == 1 and not attn else 0,  # GPT-2 XL's 1600 features
             USE_SPLIT=spec["split"], BLOCK_M=spec["block_m"], BLOCK_N=bn, BLOCK_K=bk,
             DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False,
+            ATTN_HEAD_DIM=attn, USE_PDL=True,  # the decode step's kernel, as it runs on sm_90
         )  # fmt: skip
         signature = {}
         for name in kernel.arg_names:
@@ -604,8 +611,10 @@ def _compile_worker() -> None:
                 signature[name] = "constexpr"
             elif name == "part_ptr":
                 signature[name] = "*fp32"
-            elif name == "count_ptr":
+            elif name in ("count_ptr", "attn_pos_ptr"):
                 signature[name] = "*i32"
+            elif name.startswith("attn_") and name.endswith("_ptr"):
+                signature[name] = "*fp32"
             elif name.endswith("_ptr"):
                 signature[name] = "*" + dt
             elif name == "ln_eps":
@@ -616,7 +625,7 @@ def _compile_worker() -> None:
         plain_shared = 0
         if dt == "fp32" and spec["block_m"] == 16:
             plain_shared = compile_for_hopper(kernel, signature, constexprs, warps, stages).metadata.shared
-        divisible = [n for n in signature if signature[n] != "constexpr" and n not in ("M", "n_split", "ln_eps")]
+        divisible = [n for n in signature if signature[n] != "constexpr" and n not in ("M", "n_split", "ln_eps") and not n.startswith("attn_")]
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         special = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -632,6 +641,7 @@ def _compile_worker() -> None:
                 atoms=[lines[i].strip() for i in atom],
                 barrier_before_atom=bool(atom) and _barrier_between_stores_and(lines, atom[0]),
                 cg_loads="ld.global.cg" in ptx,
+                pdl=["griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx],
                 spills=spill_bytes(special.asm["cubin"]),
             )
         )
@@ -646,6 +656,7 @@ def test_every_config_compiles_for_sm90():
         assert r["shared"] <= H100_SHARED_MEMORY_BYTES, f"{spec}: {r['shared']} B of shared memory"
         assert r["vector_loads"], f"{spec}: no 16-byte loads of W"
         assert r["spills"] == 0, f"{spec}: {r['spills']} B of register spills"
+        assert r["pdl"] == [True, True], f"{spec}: griddepcontrol.wait / launch_dependents missing"
         if spec["block_m"] == 16:
             assert r["mma"] == (spec["dtype"] != "fp32"), f"{spec}: half dots on tensor cores, fp32 IEEE"
         if spec["split"]:
