@@ -46,6 +46,15 @@ class CausalSelfAttention(nn.Module):
         y = _backend.attention(q, k, v, cache, self.layer_index, backend)  # (B, T, H, D)
         return y.reshape(B, T, C3 // 3)  # (B, T, H, D) -> (B, T, C)
 
+    def attend_project(
+        self, qkv: torch.Tensor, x: torch.Tensor, cache: KVCache, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x + c_proj(attend(qkv))`` as the stream ``(x, delta)``; in a Triton decode step the
+        attention's split combine happens inside the projection's launch (backend docs)."""
+        B, T, C3 = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # 3 x (B, T, H, D) views
+        return _backend.attention_residual_linear(q, k, v, cache, self.layer_index, self.c_proj, x, backend)
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -79,8 +88,7 @@ class Block(nn.Module):
         """
         ops, attn, mlp = _backend, self.attn, self.mlp
         qkv, x = ops.ln_linear(x, delta, self.ln_1, attn.c_attn, backend, op="qkv")  # (B, T, 3C)
-        y = attn.attend(qkv, cache, backend)  # (B, T, C)
-        x, delta = ops.residual_linear(y, attn.c_proj, x, backend, op="attn_proj")
+        x, delta = attn.attend_project(qkv, x, cache, backend)
         f, x = ops.ln_linear(x, delta, self.ln_2, mlp.c_fc, backend, activation=mlp.activation, op="fc")  # (B, T, 4C)
         return ops.residual_linear(f, mlp.c_proj, x, backend, op="mlp_proj")
 

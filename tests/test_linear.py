@@ -484,6 +484,11 @@ def _run_steps(model, ids, n_decode, backend_name, monkeypatch, attention_on_tor
         if attention_on_torch:
             real = backend.attention
             mp.setattr(backend, "attention", lambda q, k, v, c, i, b: real(q, k, v, c, i, "torch"))
+            # The fused attention + out-projection too: torch attention, then our projection.
+            mp.setattr(
+                backend, "attention_residual_linear",
+                lambda q, k, v, c, i, p, x, b: backend.residual_linear(real(q, k, v, c, i, "torch").flatten(2), p, x, b, op="attn_proj"),
+            )  # fmt: skip
         return _steps(model, ids, n_decode)
 
 
@@ -545,6 +550,42 @@ def test_model_full_triton_backend_matches_torch_backend(monkeypatch):
     for step, (a, b) in enumerate(zip(got, ref)):
         assert (a - b).abs().max().item() < 1e-4, f"step {step}"
     assert reports[-1]["linear.qkv.gemv"] == "triton" and reports[-1]["attention.decode"] == "triton"
+
+
+@pytest.mark.skipif(_triton_attention_importable() is not None, reason=str(_triton_attention_importable()))
+def test_model_decode_combines_attention_in_the_out_projection(monkeypatch):
+    """A decode step with several attention splits: the out-projection combines them (no combine
+    kernel), one split launch and 4 GEMVs per layer, logits equal the torch backend's (1e-4, fp32)."""
+    import fastgpt.kernels.attention_decode as AD_mod
+
+    monkeypatch.setenv("FASTGPT_LINEAR", "triton")
+    monkeypatch.setattr(AD_mod, "DECODE_MIN_CHUNK", 4)  # 12-slot cache -> 3 splits of 4
+    assert AD_mod.decode_num_splits(1, 2, 12) == 3
+    model = _tiny_model(n_layer=2, seed=2, vocab=97)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ref, _ = _run_steps(model, ids, 2, "torch", monkeypatch, attention_on_torch=False)
+    counts = {"_gemv_kernel": LaunchCounter(KL._gemv_kernel), "_decode_combine_kernel": 0}
+    monkeypatch.setattr(KL, "_gemv_kernel", counts["_gemv_kernel"])
+    combine_runs = []
+    real_combine = AD_mod._decode_combine_kernel.run
+    monkeypatch.setattr(AD_mod._decode_combine_kernel, "run", lambda *a, **k: combine_runs.append(1) or real_combine(*a, **k))
+    with monkeypatch.context() as mp:
+        mp.setenv("FASTGPT_BACKEND", "triton")
+        with torch.no_grad():
+            cache = model.new_cache(1, 12)
+            got = [model(ids, cache)]
+            for step in range(2):
+                token = got[-1][:, -1].argmax(-1, keepdim=True)
+                before = counts["_gemv_kernel"].launches
+                reset_kernels_report()
+                got.append(model(token, cache))
+                report = kernels_report()
+                assert report["attention.decode"] == "triton" and report["attention.combine"] == "attn_proj", report
+                assert counts["_gemv_kernel"].launches - before == 4 * model.config.n_layer + 1
+                assert launch_record()["attention_decode"]["n_split"] == 3
+    assert not combine_runs, "the combine kernel ran: the out-projection should have combined the splits"
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}"
 
 
 # --------------------------------------------------------------------------------------------
