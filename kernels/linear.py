@@ -88,6 +88,8 @@ __all__ = [
     "linear",
     "cublas_linear",
     "default_config",
+    "row_config",
+    "uses_row_kernel",
     "candidate_configs",
     "workspace_for",
     "m_bucket",
@@ -130,6 +132,16 @@ DOT_TILES: tuple[tuple[int, int, int, int], ...] = ((32, 128, 4, 3), (64, 128, 4
 #: (each distinct config is a Triton compile, ~1 s, at first use); =tune measures every tile at
 #: the heuristic split and twice it.
 AUTO_TILES = 2
+
+#: The whole-row kernel (M == 1, K <= ROW_K_MAX): BLOCK_N * next_power_of_2(K) ~ ROW_TILE_ELEMS
+#: weights per tile (two tiles in flight per program: ~64 registers a thread at 4 warps).
+ROW_K_MAX = 2048
+ROW_TILE_ELEMS = 4096
+#: Above PERSISTENT_MIN_TILES_PER_SM column tiles per SM (the LM head: 12,565 tiles of 4 rows for
+#: GPT-2), the whole-row kernel runs persistent with PERSISTENT_PROGRAMS_PER_SM programs per SM,
+#: each streaming every G-th tile and normalising its row once.
+PERSISTENT_MIN_TILES_PER_SM = 8
+PERSISTENT_PROGRAMS_PER_SM = 4
 
 #: Split-K aims for about this many programs per SM, with at most MAX_SPLIT_K splits.
 PROGRAMS_PER_SM = 4
@@ -209,6 +221,7 @@ def _gemv_kernel(
     if BLOCK_M == 1:
         offs_k = k_lo + offs_kb
         w_next = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+    bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
     if USE_PDL:
@@ -216,6 +229,7 @@ def _gemv_kernel(
         # still run. Below: its outputs (x, the residual, the attention partials) and our writes.
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    res = 0.0
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :], mask=mask_mn, other=0.0)
     if ATTN_HEAD_DIM > 0:
@@ -322,6 +336,12 @@ def _gemv_kernel(
     else:
         mask_out = mask_mn
 
+    _store_epilogue(acc, bias, res, out_ptr, offs_m64, offs_n, stride_om, mask_out, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+
+
+@triton.jit
+def _store_epilogue(acc, bias, res, out_ptr, offs_m64, offs_n, stride_om, mask_out, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """``out = residual + act(acc + bias)`` for a (BM, BN) float32 tile, rounded once and stored."""
     if HAS_BIAS:
         acc += bias[None, :]
     if ACTIVATION == 1:
@@ -333,6 +353,98 @@ def _gemv_kernel(
     if HAS_RESIDUAL:
         acc += res.to(tl.float32)
     tl.store(out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit(do_not_specialize=["attn_heads", "attn_max_len", "attn_chunk", "attn_n_split"])
+def _gemv_row_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    attn_o_ptr,
+    attn_m_ptr,
+    attn_l_ptr,
+    attn_pos_ptr,
+    attn_heads,
+    attn_max_len,
+    attn_chunk,
+    attn_n_split,
+    N,
+    K,
+    stride_wn,
+    ln_eps,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_K: tl.constexpr,  # next_power_of_2(K): the whole row is one chunk
+    ATTN_HEAD_DIM: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One row (M == 1), the whole of K in one chunk: no K loop, no split-K, no workspace.
+
+    Program ``p`` of ``G`` owns column tiles ``p, p + G, p + 2G, ...`` (``G`` = the grid; with
+    ``G`` = the tile count each program owns one tile; the LM head runs persistent, ``G`` ~ a few
+    programs per SM). The normalised row (LayerNorm statistics, or the attention combine) is
+    computed once per program and stays in registers; every tile is one ``(BLOCK_N, ROW_K)``
+    weight load, the next tile's issued before the current one is reduced.
+    """
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    offs_k = tl.arange(0, ROW_K)
+    mask_k = offs_k < K
+    offs_m = tl.arange(0, 1)  # (1,): the one row
+    mask_m = offs_m < 1
+    offs_tile = tl.arange(0, BLOCK_N)
+    # The first tile's weight: constant data, in flight before the previous kernel has finished.
+    offs_n = pid * BLOCK_N + offs_tile
+    mask_n = offs_n < N
+    w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+    if ATTN_HEAD_DIM > 0:
+        n_active, pos_ok = _active_splits(tl.load(attn_pos_ptr), attn_max_len, attn_chunk, attn_n_split)
+        xr = combined_attention_tile(
+            attn_o_ptr, attn_m_ptr, attn_l_ptr, offs_m, mask_m, offs_k, mask_k,
+            attn_heads, attn_n_split, n_active, pos_ok, ATTN_HEAD_DIM,
+        )  # (1, ROW_K) float32
+        xr = xr.to(w_ptr.dtype.element_ty).to(tl.float32)  # rounded as a stored attention output
+    else:
+        xr = tl.load(x_ptr + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)  # (1, ROW_K)
+    if HAS_LN:
+        # Once per program, not once per tile (exact two-pass statistics, as the reference).
+        mean = tl.sum(xr, axis=1) / K  # (1,)
+        d = tl.where(mask_k[None, :], xr - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + ln_eps)
+        g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        # Masked K lanes get g = b = 0 and stay 0; rounded like a stored LayerNorm output.
+        xr = (d * rstd[:, None] * g[None, :] + b[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)
+
+    for tile in range(pid, tl.cdiv(N, BLOCK_N), n_programs):
+        offs_n = tile * BLOCK_N + offs_tile
+        mask_n = offs_n < N
+        # Prefetch the next tile of this program (nothing past the last: masked).
+        offs_nx = offs_n + n_programs * BLOCK_N
+        mask_nx = offs_nx < N
+        w_next = tl.load(
+            w_ptr + offs_nx.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], mask=mask_nx[:, None] & mask_k[None, :], other=0.0
+        )
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        res = 0.0
+        if HAS_RESIDUAL:
+            res = tl.load(res_ptr + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+        acc = tl.sum(w.to(tl.float32) * xr, axis=1)[None, :]  # (1, BN)
+        _store_epilogue(acc, bias, res, out_ptr, offs_m.to(tl.int64), offs_n, 0, mask_n[None, :], HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+        w = w_next
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,8 +471,32 @@ def _effective_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     return triton.cdiv(k_chunks, per), per * block_k
 
 
+def row_config(K: int) -> GemvConfig:
+    """The whole-row config for M == 1 and ``K <= ROW_K_MAX``: ``block_k = next_power_of_2(K)``
+    (one K chunk: no loop, no split-K, no workspace), ``block_n`` rows per tile."""
+    row_k = triton.next_power_of_2(K)
+    return GemvConfig(max(1, min(16, ROW_TILE_ELEMS // row_k)), row_k, 4, 1, 1)
+
+
+def uses_row_kernel(M: int, K: int, config: GemvConfig) -> bool:
+    """Whether a launch of ``config`` runs the whole-row kernel (else the K-loop / split-K kernel)."""
+    return M == 1 and K <= ROW_K_MAX and config.block_k >= K and config.split_k == 1
+
+
+def row_grid(N: int, config: GemvConfig, device: torch.device | str) -> tuple[int, int]:
+    """(programs, column tiles) of a whole-row launch: one program per tile, or persistent."""
+    n_tiles = triton.cdiv(N, config.block_n)
+    n_sm = _num_sms(torch.device(device))
+    if n_tiles > PERSISTENT_MIN_TILES_PER_SM * n_sm:
+        return PERSISTENT_PROGRAMS_PER_SM * n_sm, n_tiles
+    return n_tiles, n_tiles
+
+
 def default_config(M: int, N: int, K: int, device: torch.device | str) -> GemvConfig:
-    """The config used without a measurement (the interpreter, ``FASTGPT_LINEAR=triton``)."""
+    """The config used without a measurement (the interpreter, ``FASTGPT_LINEAR=triton``):
+    the whole-row config for M == 1 and ``K <= ROW_K_MAX``, else the first tile of the regime."""
+    if M == 1 and K <= ROW_K_MAX:
+        return row_config(K)
     tiles = M1_TILES if M == 1 else DOT_TILES
     bn, bk, warps, stages = tiles[0]
     return GemvConfig(bn, bk, warps, stages, _split_for(N, K, bn, bk, _num_sms(torch.device(device))))
@@ -372,7 +508,7 @@ def candidate_configs(M: int, N: int, K: int, device: torch.device | str, *, exh
     and at twice it (``FASTGPT_LINEAR=tune``)."""
     n_sm = _num_sms(torch.device(device))
     tiles = M1_TILES if M == 1 else DOT_TILES
-    out: list[GemvConfig] = []
+    out: list[GemvConfig] = [row_config(K)] if M == 1 and K <= ROW_K_MAX else []
     for bn, bk, warps, stages in tiles if exhaustive else tiles[:AUTO_TILES]:
         s = _split_for(N, K, bn, bk, n_sm)
         for split in (s, 2 * s) if exhaustive else (s,):
@@ -608,6 +744,32 @@ def linear(
     _check_config(config, M)
     out_rows = as_rows(out, "out")
     res_rows = as_rows(residual, "residual") if residual is not None else out_rows
+    has_ln = ln_weight is not None
+    if not has_ln:
+        ln_weight = ln_bias = out_rows  # unused (HAS_LN=False)
+    if attn_partials is not None:
+        ap = attn_partials
+        attn_args = (ap.o, ap.m, ap.l, ap.cache_pos, ap.n_head, ap.max_len, ap.chunk, ap.n_split)
+    else:
+        attn_args = (out_rows, out_rows, out_rows, out_rows, 0, 0, 0, 0)  # unused (ATTN_HEAD_DIM=0)
+    attn_head_dim = attn_partials.head_dim if attn_partials is not None else 0
+    use_pdl = pdl_enabled(device)
+
+    if uses_row_kernel(M, K, config):
+        n_programs, n_tiles = row_grid(N, config, device)
+        _gemv_row_kernel[(n_programs,)](
+            x_rows, weight, bias if bias is not None else out_rows, res_rows, out_rows,
+            ln_weight, ln_bias, *attn_args, N, K, weight.stride(0), float(ln_eps),
+            HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_RESIDUAL=residual is not None,
+            HAS_LN=has_ln, BLOCK_N=config.block_n, ROW_K=triton.next_power_of_2(K),
+            ATTN_HEAD_DIM=attn_head_dim, USE_PDL=use_pdl, launch_pdl=use_pdl,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+        note_launch(
+            "linear", "triton", kernel="row", config=config, n_split=1, persistent=n_programs < n_tiles,
+            attn_combine=attn_partials is not None, pdl=use_pdl,
+        )  # fmt: skip
+        return out
 
     n_split, k_per_split = _effective_split(K, config.block_k, config.split_k)
     n_tiles = triton.cdiv(N, config.block_n)
@@ -619,16 +781,7 @@ def linear(
     else:
         partials = counters = out_rows  # unused (USE_SPLIT=False)
         count_slot = 0
-    has_ln = ln_weight is not None
     dot_precision, upcast_dot = _dot_flags(dtype)
-    if not has_ln:
-        ln_weight = ln_bias = out_rows  # unused (HAS_LN=False)
-    if attn_partials is not None:
-        ap = attn_partials
-        attn_args = (ap.o, ap.m, ap.l, ap.cache_pos, ap.n_head, ap.max_len, ap.chunk, ap.n_split)
-    else:
-        attn_args = (out_rows, out_rows, out_rows, out_rows, 0, 0, 0, 0)  # unused (ATTN_HEAD_DIM=0)
-    use_pdl = pdl_enabled(device)
 
     _gemv_kernel[(n_tiles, n_split)](
         x_rows, weight, bias if bias is not None else out_rows, res_rows, out_rows,
@@ -639,11 +792,10 @@ def linear(
         HAS_LN=has_ln, LN_ROW=_ln_row(has_ln, M, K), USE_SPLIT=n_split > 1,
         BLOCK_M=_block_m(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot,
-        ATTN_HEAD_DIM=attn_partials.head_dim if attn_partials is not None else 0,
-        USE_PDL=use_pdl, launch_pdl=use_pdl,
+        ATTN_HEAD_DIM=attn_head_dim, USE_PDL=use_pdl, launch_pdl=use_pdl,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    note_launch("linear", "triton", config=config, n_split=n_split, attn_combine=attn_partials is not None, pdl=use_pdl)
+    note_launch("linear", "triton", kernel="k_loop", config=config, n_split=n_split, attn_combine=attn_partials is not None, pdl=use_pdl)
     return out
 
 

@@ -35,11 +35,22 @@ TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+class _GemvLaunches:
+    """Launches of both GEMV kernels (the K-loop / split-K one and the whole-row one)."""
+
+    def __init__(self, monkeypatch):
+        self.k_loop, self.row = LaunchCounter(KL._gemv_kernel), LaunchCounter(KL._gemv_row_kernel)
+        monkeypatch.setattr(KL, "_gemv_kernel", self.k_loop)
+        monkeypatch.setattr(KL, "_gemv_row_kernel", self.row)
+
+    @property
+    def launches(self) -> int:
+        return self.k_loop.launches + self.row.launches
+
+
 @pytest.fixture
 def gemv_launches(monkeypatch):
-    counter = LaunchCounter(KL._gemv_kernel)
-    monkeypatch.setattr(KL, "_gemv_kernel", counter)
-    return counter
+    return _GemvLaunches(monkeypatch)
 
 
 def make_inputs(M, N, K, dtype, *, bias=True, residual=True, ln=True, lead=None, device=DEVICE, seed=None):
@@ -298,6 +309,58 @@ def test_attention_partials_bad_arguments_raise(gemv_launches):
     assert gemv_launches.launches == 0
 
 
+# --------------------------------------------------------------------------------------------
+# the whole-row kernel (M == 1, K <= ROW_K_MAX) and the persistent LM head
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "N, K, epilogue, persistent",
+    [
+        (50, 77, "ln+bias+gelu_tanh", False),  # odd K: one masked 128-wide row, no K loop
+        (29, 768, "bias+residual", False),  # GPT-2's width
+        (15, 1600, "ln+bias", False),  # GPT-2 XL's width: one 2048-wide row, no 256-wide tail step
+        (5003, 77, "ln_only", True),  # an LM head: persistent, statistics once per program
+        (301, 130, "bias+gelu_erf", True),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_whole_row_kernel(N, K, epilogue, persistent, dtype, gemv_launches):
+    spec = dict(EPILOGUES[epilogue])
+    activation = spec.pop("activation")
+    inp = make_inputs(1, N, K, dtype, seed=N + K, **spec)
+    config = KL.default_config(1, N, K, DEVICE)
+    assert config == KL.row_config(K) and KL.uses_row_kernel(1, K, config)
+    workspaces = dict(KL._WORKSPACES)
+    out = run_gemv(inp, activation)
+    assert (gemv_launches.row.launches, gemv_launches.k_loop.launches) == (1, 0)
+    record = launch_record()["linear"]
+    assert record["kernel"] == "row" and record["n_split"] == 1 and record["persistent"] == persistent
+    assert KL._WORKSPACES == workspaces, "one K chunk per program: no split-K workspace"
+    assert_close(out, reference64(inp, activation), dtype, f"N={N} K={K} {epilogue}")
+
+
+def test_persistent_grid_and_the_k_loop_beyond_row_k_max():
+    n_sm = KL._num_sms(torch.device(DEVICE))
+    cfg = KL.row_config(768)
+    assert (cfg.block_n, cfg.block_k, cfg.split_k) == (4, 1024, 1)
+    assert KL.row_config(1600).block_k == 2048 and KL.row_config(1600).block_n == 2
+    programs, tiles = KL.row_grid(50257, cfg, DEVICE)
+    assert tiles == 12565 and programs == KL.PERSISTENT_PROGRAMS_PER_SM * n_sm < tiles
+    assert KL.row_grid(8, cfg, DEVICE) == (2, 2)
+    # K past ROW_K_MAX (GPT-2's 3072-wide projection) and M > 1 take the K-loop kernel.
+    assert not KL.uses_row_kernel(1, 3072, KL.default_config(1, 768, 3072, DEVICE))
+    assert not KL.uses_row_kernel(2, 768, KL.default_config(2, 768, 768, DEVICE))
+
+
+def test_whole_row_kernel_combines_attention_partials(gemv_launches):
+    partials, ref_attn = attention_step(1, 2, 64, 100, 64, 7, torch.float32, False, seed=11)
+    inp = make_inputs(1, 40, 128, torch.float32, ln=False, lead=(1, 1), seed=4)
+    del inp["x"], inp["ln_weight"], inp["ln_bias"]
+    out = KL.linear(None, **inp, out=poisoned((1, 1, 40), torch.float32), attn_partials=partials)
+    assert gemv_launches.row.launches == 1 and launch_record()["linear"]["attn_combine"]
+    assert_close(out, reference_out_projection(ref_attn, inp), torch.float32, "whole-row + combine")
+
+
 def test_strided_rows_leading_dims_and_in_place_residual():
     B, T, K, N = 3, 4, 40, 24
     inp = make_inputs(B, N, K, torch.float16, lead=(B, T))
@@ -403,11 +466,13 @@ def test_buckets_and_split_heuristic():
 
 def test_candidate_configs_cover_every_tile_and_are_unique():
     for M, tiles in ((1, KL.M1_TILES), (8, KL.DOT_TILES)):
+        # M == 1 with K <= ROW_K_MAX: the whole-row config first, then the K-loop tiles.
+        row = [KL.row_config(768)] if M == 1 else []
         every = KL.candidate_configs(M, 2304, 768, DEVICE, exhaustive=True)
-        assert len(every) == len(set(every))
-        assert {(c.block_n, c.block_k, c.num_warps, c.num_stages) for c in every} == set(tiles)
+        assert len(every) == len(set(every)) and every[: len(row)] == row
+        assert {(c.block_n, c.block_k, c.num_warps, c.num_stages) for c in every[len(row):]} == set(tiles)
         auto = KL.candidate_configs(M, 2304, 768, DEVICE)
-        assert len(auto) == KL.AUTO_TILES and set(auto) <= set(every)
+        assert len(auto) == KL.AUTO_TILES + len(row) and set(auto) <= set(every)
         assert KL.default_config(M, 2304, 768, DEVICE) == auto[0]
 
 
@@ -564,8 +629,7 @@ def test_model_decode_combines_attention_in_the_out_projection(monkeypatch):
     model = _tiny_model(n_layer=2, seed=2, vocab=97)
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     ref, _ = _run_steps(model, ids, 2, "torch", monkeypatch, attention_on_torch=False)
-    counts = {"_gemv_kernel": LaunchCounter(KL._gemv_kernel), "_decode_combine_kernel": 0}
-    monkeypatch.setattr(KL, "_gemv_kernel", counts["_gemv_kernel"])
+    gemv = _GemvLaunches(monkeypatch)
     combine_runs = []
     real_combine = AD_mod._decode_combine_kernel.run
     monkeypatch.setattr(AD_mod._decode_combine_kernel, "run", lambda *a, **k: combine_runs.append(1) or real_combine(*a, **k))
@@ -576,12 +640,12 @@ def test_model_decode_combines_attention_in_the_out_projection(monkeypatch):
             got = [model(ids, cache)]
             for step in range(2):
                 token = got[-1][:, -1].argmax(-1, keepdim=True)
-                before = counts["_gemv_kernel"].launches
+                before = gemv.launches
                 reset_kernels_report()
                 got.append(model(token, cache))
                 report = kernels_report()
                 assert report["attention.decode"] == "triton" and report["attention.combine"] == "attn_proj", report
-                assert counts["_gemv_kernel"].launches - before == 4 * model.config.n_layer + 1
+                assert gemv.launches - before == 4 * model.config.n_layer + 1
                 assert launch_record()["attention_decode"]["n_split"] == 3
     assert not combine_runs, "the combine kernel ran: the out-projection should have combined the splits"
     for step, (a, b) in enumerate(zip(got, ref)):
