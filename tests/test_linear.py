@@ -676,6 +676,12 @@ def _compile_specs() -> list[dict]:
     for block_m, tiles in ((1, KL.M1_TILES), (16, KL.DOT_TILES)):
         for split in (False, True):
             specs.append(dict(dtype="fp16", block_m=block_m, tile=list(tiles[0]), split=split, attn=64))
+    # The whole-row kernel at GPT-2's and GPT-2 XL's widths (block_m 1, no split), with LayerNorm
+    # (QKV, FC, the LM head) and with the attention combine (the out-projection).
+    for dt, K in (("fp16", 768), ("fp16", 1600), ("fp32", 1600), ("bf16", 768)):
+        cfg = KL.row_config(K)
+        specs.append(dict(dtype=dt, block_m=1, tile=[cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages], split=False, row=True))
+    specs.append(dict(dtype="fp16", block_m=1, tile=[4, 1024, 4, 1], split=False, row=True, attn=64))
     return specs
 
 
@@ -697,19 +703,22 @@ def _compile_worker() -> None:
 
     from fastgpt.kernels.utils import compile_for_hopper
 
-    kernel = KL._gemv_kernel
     results = []
     for spec in json.loads(sys.stdin.read()):
         dt = spec["dtype"]
         bn, bk, warps, stages = spec["tile"]
         attn = spec.get("attn", 0)
         flags = dict(_ALL_FLAGS, HAS_LN=False) if attn else _ALL_FLAGS
-        constexprs = dict(
-            flags, LN_ROW=2048 if spec["block_m"] == 1 and not attn else 0,  # GPT-2 XL's 1600 features
-            USE_SPLIT=spec["split"], BLOCK_M=spec["block_m"], BLOCK_N=bn, BLOCK_K=bk,
-            DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False,
-            ATTN_HEAD_DIM=attn, USE_PDL=True,  # the decode step's kernel, as it runs on sm_90
-        )  # fmt: skip
+        kernel = KL._gemv_row_kernel if spec.get("row") else KL._gemv_kernel
+        if spec.get("row"):
+            constexprs = dict(flags, BLOCK_N=bn, ROW_K=bk, ATTN_HEAD_DIM=attn, USE_PDL=True)
+        else:
+            constexprs = dict(
+                flags, LN_ROW=2048 if spec["block_m"] == 1 and not attn else 0,  # GPT-2 XL's 1600 features
+                USE_SPLIT=spec["split"], BLOCK_M=spec["block_m"], BLOCK_N=bn, BLOCK_K=bk,
+                DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False,
+                ATTN_HEAD_DIM=attn, USE_PDL=True,  # the decode step's kernel, as it runs on sm_90
+            )  # fmt: skip
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
@@ -728,7 +737,7 @@ def _compile_worker() -> None:
                 signature[name] = "i32"
         # compile_for_hopper (no argument specialisation) where shared memory peaks: fp32 dots.
         plain_shared = 0
-        if dt == "fp32" and spec["block_m"] == 16:
+        if dt == "fp32" and spec["block_m"] == 16 and not spec.get("row"):
             plain_shared = compile_for_hopper(kernel, signature, constexprs, warps, stages).metadata.shared
         divisible = [n for n in signature if signature[n] != "constexpr" and n not in ("M", "n_split", "ln_eps") and not n.startswith("attn_")]
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
@@ -770,6 +779,7 @@ def test_every_config_compiles_for_sm90():
             assert r["barrier_before_atom"] and r["cg_loads"], spec
         else:
             assert not r["atoms"], spec
+    assert any(r["spec"].get("row") for r in results) and any(r["spec"].get("attn") for r in results)
     tiles_covered = {(r["spec"]["block_m"], tuple(r["spec"]["tile"])) for r in results}
     assert tiles_covered >= {(1, t) for t in KL.M1_TILES} | {(16, t) for t in KL.DOT_TILES}
 
