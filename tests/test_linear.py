@@ -864,6 +864,80 @@ def test_split_k_under_cuda_graph_replay():
     assert int(counters.abs().sum()) == 0
 
 
+def _libcudart():
+    """ctypes handle on the CUDA runtime torch loaded (libcudart.so.12 or .so)."""
+    import ctypes
+
+    for name in ("libcudart.so.12", "libcudart.so", "libcudart.so.13"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    pytest.skip("libcudart could not be loaded with ctypes: cannot read the captured graph")
+
+
+def _programmatic_edges(graph: torch.cuda.CUDAGraph) -> int:
+    """Edges of type cudaGraphDependencyTypeProgrammatic (= 1) in a captured graph.
+
+    A launch with cudaLaunchAttributeProgrammaticStreamSerialization, stream-captured, becomes a
+    programmatic dependency edge into its kernel node (CUDA >= 12.3, cudaGraphGetEdges_v2);
+    the kernel node attribute is not what capture records, so the edges are read.
+    """
+    import ctypes
+
+    rt = _libcudart()
+    if not hasattr(rt, "cudaGraphGetEdges_v2"):
+        pytest.skip("this CUDA runtime has no cudaGraphGetEdges_v2 (CUDA < 12.3): edge types unreadable")
+
+    class EdgeData(ctypes.Structure):  # cudaGraphEdgeData
+        _fields_ = [("from_port", ctypes.c_ubyte), ("to_port", ctypes.c_ubyte), ("type", ctypes.c_ubyte), ("reserved", ctypes.c_ubyte * 5)]
+
+    raw = ctypes.c_void_p(graph.raw_cuda_graph())
+    count = ctypes.c_size_t(0)
+    assert rt.cudaGraphGetEdges_v2(raw, None, None, None, ctypes.byref(count)) == 0
+    n = count.value
+    src, dst = (ctypes.c_void_p * max(n, 1))(), (ctypes.c_void_p * max(n, 1))()
+    data = (EdgeData * max(n, 1))()
+    assert rt.cudaGraphGetEdges_v2(raw, src, dst, data, ctypes.byref(count)) == 0
+    return sum(1 for i in range(n) if data[i].type == 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_pdl_survives_cuda_graph_capture(pdl, monkeypatch):
+    """Two dependent GEMVs (LayerNorm + FC, then the projection) captured in a graph: with PDL on
+    the second is a programmatic dependency of the first; FASTGPT_PDL=0 leaves none. Replay is
+    exact either way."""
+    from fastgpt.kernels.utils import pdl_enabled
+
+    monkeypatch.setenv("FASTGPT_PDL", pdl)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    assert pdl_enabled("cuda") == (pdl == "1")
+    first = make_inputs(1, 3072, 768, torch.float16, residual=False, seed=1)
+    second = make_inputs(1, 768, 3072, torch.float16, ln=False, seed=2)
+    h = torch.empty(1, 3072, dtype=torch.float16, device="cuda")
+    out = torch.empty(1, 768, dtype=torch.float16, device="cuda")
+
+    def step():
+        KL.linear(**first, activation="gelu_tanh", out=h)
+        KL.linear(h, second["weight"], second["bias"], residual=second["residual"], out=out)
+
+    step()  # compile, allocate the split-K workspace
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph(keep_graph=True)
+    with torch.cuda.graph(graph):
+        step()
+    edges = _programmatic_edges(graph)
+    assert (edges > 0) == (pdl == "1"), f"{edges} programmatic edges with FASTGPT_PDL={pdl}"
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_h = reference64(first, "gelu_tanh")
+    assert_close(h, ref_h, torch.float16, "graph replay, first GEMV")
+    ref = reference64(dict(second, x=h), None)
+    assert_close(out, ref, torch.float16, "graph replay, second GEMV")
+
+
 @pytest.mark.cuda
 def test_model_triton_backend_matches_torch_cuda(monkeypatch):
     monkeypatch.setenv("FASTGPT_LINEAR", "triton")  # the fused GEMVs (no per-shape measurement)
