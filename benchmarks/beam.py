@@ -14,6 +14,9 @@ steps. Per row:
 On a GPU the default is float16, batch {1, 8}, prompt 32, 128 new tokens, plus a float32 row used
 for the token-equality entry of the summary; ``--quick`` (under a minute on an H100) runs batch 1
 only. Without a GPU a small CPU configuration runs (the PyTorch backend) and says so.
+
+Writes ``beam_<device>.json`` into a git-ignored run folder (``benchmarks/run_folder.py``);
+``--reference`` writes the committed ``benchmarks/results/beam_<device>.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import time
 
 import torch
 
-from benchmarks.common import result_header, write_results
+from benchmarks.common import result_header
+from benchmarks.run_folder import write_run
 
 NUM_BEAMS = 4
 
@@ -176,6 +180,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="batch 1 only, fewer repeats (for make gpu-check)")
+    p.add_argument("--reference", action="store_true",
+                   help="write the committed reference results benchmarks/results/beam_<device>.json (on purpose only)")
     args = p.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
     args.model = args.model or ("gpt2" if gpu else "small-d256")
@@ -215,7 +221,7 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
     result = dict(result_header(device), num_beams=NUM_BEAMS, rows=rows, summary=summarize(rows, on_gpu))
     print_table(result)
-    write_results("beam" if on_gpu else "beam_cpu", result)
+    write_run("beam", result, reference=args.reference)
     return result
 
 

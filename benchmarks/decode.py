@@ -1,57 +1,82 @@
 """Decode benchmark: fastgpt against Hugging Face ``generate`` on GPT-2-shaped models.
 
-``python -m benchmarks.decode [--quick]`` (``make bench``). Every engine runs on the same weights
-(random unless real ones are on disk: speed does not depend on the values) in one run, and every
+``python -m benchmarks.decode`` (``make bench``): on a 2-core CPU it finishes in about 3 minutes
+on a quiet machine (under 5 on a busy one). Every engine runs on the same weights (random unless
+real GPT-2 weights are on disk: speed does not depend on the values) in one run, and every
 engine's greedy tokens are compared with HF eager's, so no speed is reported for a wrong answer.
 
+What runs
+---------
 Engines: ``hf-eager`` (HF ``generate``, dynamic cache), ``hf-static`` (``cache_implementation=
-"static"``, ``disable_compile=True``), ``hf-static-compiled`` (the same, with HF compiling the
-forward), ``fastgpt-torch`` (the PyTorch reference ops, eager), ``fastgpt-eager`` (the Triton
-kernels, eager step), ``fastgpt`` (Triton kernels + the CUDA-graph decode step).
+"static"``, ``disable_compile=True``), ``hf-static-compiled`` (the same, HF compiling the forward),
+``fastgpt-torch`` (the PyTorch reference ops), ``fastgpt-eager`` (the Triton kernels, eager step),
+``fastgpt`` (the default path: Triton kernels + the CUDA-graph decode step on a GPU; on a CPU the
+PyTorch reference ops).
 
-Default matrix on a GPU (fp16): models gpt2, gpt2-medium, gpt2-xl; batch {1, 8, 64}; prompt
-{16, 512}; new tokens {10, 50, 100, 200, 512}; subsets via ``--models/--batch/--prompt-len/
---new-tokens/--engines``. ``--quick`` (``make gpu-check``): the issue's target rows (fp16, 128-token
-prompt, 256 new tokens: gpt2 at batch 1 and 64, gpt2-xl at batch 1) with HF eager/static beside
-them. Without a GPU: a small CPU configuration with the PyTorch backend, and it says so.
+* default: the design-card model (``small-d256``: GPT-2's 50257 vocabulary, 4 layers of width
+  256) and the GPT-2 small shape (``gpt2``), batch 1 and 8, a 16-token prompt, 32 new tokens
+  (128 on a GPU), engines ``hf-eager``, ``hf-static``, ``fastgpt``; plus ``small-d256`` at batch
+  1 with 128- and 512-token prompts, for the ms-per-token-against-context plot.
+* ``--full``: the whole matrix (GPU: gpt2, gpt2-medium, gpt2-xl; batch 1, 8, 64; prompt 16, 512;
+  new tokens 10 .. 512; every engine. CPU: small-d256, gpt2, gpt2-medium; batch 1, 8; prompt 16,
+  256; 32 and 128 new tokens). ``--quick`` (``make gpu-check``): the issue's target rows.
+  Subsets via ``--models/--batch/--prompt-len/--new-tokens/--engines``.
 
-Per row
--------
-* ``tokens_per_s``: all rows' new tokens over the whole warm ``generate`` call (prefill included).
-* ``ms_per_token``: one decode step, ``(t(n) - t(1)) / (n - 1)`` from a warm n-token call and a
-  warm 1-token call (prefill only); ``ms_per_token_e2e`` = ``t(n) / n``.
-* ``step_bytes``: what one step must read -- every weight once (the position table counted as
-  the ``B`` rows read) plus the live K and V of every layer at the mean context
+How it is timed
+---------------
+For each configuration every engine makes one cold call (``first_call_s``; on a GPU it includes
+the CUDA-graph capture) and one warm-up of the 1-token call; then ``--repeats`` rounds (default
+3), each timing every engine once -- an n-token call and a 1-token call -- with the engines in a
+rotated order each round, so that a slow phase of a busy machine falls on all engines alike.
+
+Per row (JSON field: meaning)
+-----------------------------
+* ``tokens_per_s``: all rows' new tokens over the median warm ``generate`` call (prefill
+  included); ``tokens_per_s_min`` / ``_max``: over the slowest / fastest call.
+* ``spread_pct``: ``100 * (max - min) / median`` of the warm call times.
+* ``noisy``: this engine's [min, max] call times overlap another engine's in the same
+  configuration, so this run does not establish their order (the table marks it ``~``).
+  With ``--repeats 1`` (``--quick``) there is no spread: ``spread_pct`` and ``noisy`` are None.
+* ``ms_per_token``: one decode step, the median over rounds of ``(t(n) - t(1)) / (n - 1)`` from
+  the round's n-token and 1-token calls (prefill cancels out); ``ms_per_token_e2e`` = ``t(n) / n``.
+* ``step_bytes``: what one decode step must read -- every weight once (of the position table the
+  ``B`` rows used) plus the live K and V of every layer at the mean context
   ``prompt_len + new_tokens / 2``; ``step_gbs`` = step_bytes / step time; ``roofline_frac`` =
-  step_gbs / the device-to-device copy bandwidth measured at the start of the same run.
-* ``speedup_vs_hf_eager`` / ``speedup_vs_hf_static``: ratio of the warm ``generate`` times.
+  step_gbs / ``copy_bandwidth_gbs``, the copy bandwidth (bytes read + written per second of a
+  large ``dst.copy_(src)``) measured at the start of the same run on the same device.
+* ``speedup_vs_hf_eager`` / ``speedup_vs_hf_static``: that engine's median call time over this
+  engine's, same configuration, same run.
 * ``greedy_match``: tokens identical to HF eager's; ``match_prefix_min``: new tokens equal before
   the first divergence (over rows); on a divergence ``divergence_gap`` is the difference of the
   two competing tokens' logits at that position (fastgpt forward, model dtype) relative to the
-  largest logit, and ``divergence_near_tie`` says whether it is below ``NEAR_TIE`` (fp16/bf16
-  kernels legitimately break near-ties differently; fp32 must be identical).
-* ``first_call_s``: the cold first call (for ``fastgpt``: includes the CUDA-graph capture,
-  ``capture_s``); every other time is warm. ``graph``: what fastgpt's warm call did.
-* ``peak_mem_mb`` = the engine's weights + the peak of everything else allocated during its warm
-  calls (persistent graph state included); ``weights_mb``, ``kv_cache_mb`` (``2 * L * B * (T + n) *
-  C`` elements), ``workspace_mb`` = peak - weights - KV cache.
+  largest logit, and ``divergence_near_tie`` says whether it is below ``NEAR_TIE``.
+* ``backend``: the fastgpt backend that ran (``kernels``: which implementation each op used);
+  ``graph``: whether the warm call replayed a CUDA graph; ``weights``: random or their file.
+* GPU only: ``peak_mem_mb`` = the engine's weights + the peak of everything else allocated
+  during its warm calls; ``weights_mb``, ``kv_cache_mb``, ``workspace_mb`` = the rest.
 
-Output: a table on stdout (with a tqdm progress bar and ETA while running), JSON via
-``write_results("decode")`` (``decode_cpu`` on a CPU) with top-level ``device``, ``date``,
-``commit``, ``versions``, ``copy_bandwidth_gbs``, ``rows`` and ``summary`` (the issue's targets),
-and two PNG plots (``benchmarks/plots.py``).
+Where results go
+----------------
+``decode_<device>.json`` and its plots go where ``benchmarks/run_folder.py`` says: a new
+git-ignored run folder ``benchmarks/results/runs/<UTC time>/`` (or ``$RESULTS_DIR`` when it
+names a folder of your own); ``--reference`` writes the committed reference results
+``benchmarks/results/decode_<device>.*`` (``cpu``, ``h100``, ...), on purpose only.
+The JSON is rewritten after every configuration: an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
+import statistics
 import time
 
 import torch
 
-from benchmarks.common import env_override, measure_copy_bandwidth_gbs, result_header, write_results
+from benchmarks.common import env_override, measure_copy_bandwidth_gbs, result_header
+from benchmarks.decode_report import print_table, target_summary
+from benchmarks.run_folder import output_dir, write_json
+from fastgpt import GPTConfig
 
 ENGINES = ("hf-eager", "hf-static", "hf-static-compiled", "fastgpt-torch", "fastgpt-eager", "fastgpt")
 FASTGPT_ENV = {  # engine -> (FASTGPT_BACKEND, FASTGPT_CUDA_GRAPH); None: unset (auto)
@@ -61,6 +86,11 @@ FASTGPT_ENV = {  # engine -> (FASTGPT_BACKEND, FASTGPT_CUDA_GRAPH); None: unset 
 }
 #: Relative logit gap under which a greedy divergence counts as a near-tie (fp16 rounding).
 NEAR_TIE = 1e-2
+#: Shapes that are not GPT-2 presets: the design card's model, and a tiny one for the tests.
+SMALL_SHAPES = {
+    "small-d256": GPTConfig(n_embd=256, n_head=8, n_layer=4),
+    "tiny": GPTConfig(vocab_size=1000, n_positions=128, n_embd=64, n_head=2, n_layer=2),
+}
 TARGET_CONFIGS = [("gpt2", 1, 128, 256), ("gpt2", 64, 128, 256), ("gpt2-xl", 1, 128, 256)]
 
 
@@ -68,22 +98,26 @@ TARGET_CONFIGS = [("gpt2", 1, 128, 256), ("gpt2", 64, 128, 256), ("gpt2-xl", 1, 
 # Models and engines
 # --------------------------------------------------------------------------------------------
 def build_models(name: str, dtype: torch.dtype, device: torch.device):
-    """(hf_model, fastgpt_model, source) with shared weight values."""
+    """(hf_model, fastgpt_model, source) with shared weight values; ``source`` is "random" or
+    the checkpoint directory."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
-    from fastgpt import GPT, GPTConfig
+    from fastgpt import GPT
     from fastgpt.loading import find_checkpoint
 
     hf_logging.set_verbosity_error()
-    if name == "small-d256":
-        cfg = GPTConfig(n_embd=256, n_head=8, n_layer=4)
+    if name in SMALL_SHAPES:
+        cfg = SMALL_SHAPES[name]
     else:
         cfg = GPTConfig.from_preset(name)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             path = find_checkpoint(name)
+        except FileNotFoundError:
+            path = None
+        if path is not None:
             hf = GPT2LMHeadModel.from_pretrained(path, dtype=dtype).to(device).eval()
-            return hf, GPT.from_hf(hf), f"weights from {path}"
+            return hf, GPT.from_hf(hf), f"real ({path})"
     torch.manual_seed(0)
     with torch.device(device):
         hf = GPT2LMHeadModel(GPT2Config(**{**cfg.to_hf().to_dict(), "pad_token_id": 0})).to(dtype).eval()
@@ -93,8 +127,6 @@ def build_models(name: str, dtype: torch.dtype, device: torch.device):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
 
 
 def make_runner(engine: str, hf, model, ids: torch.Tensor, n_new: int):
@@ -124,7 +156,7 @@ def make_runner(engine: str, hf, model, ids: torch.Tensor, n_new: int):
 
 def _reset_engine_state(hf) -> None:
     """Free what an earlier configuration left behind (graphs, HF's static-cache length)."""
-    from fastgpt.cuda_graph import clear_graph_cache
+    from fastgpt import clear_graph_cache
 
     clear_graph_cache()
     # HF sizes every later static cache to the longest seen so far: start each config afresh.
@@ -141,46 +173,82 @@ def _timed(run, device) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def measure_engine(engine, hf, model, ids, n_new, device, repeats) -> dict:
-    """Cold call, warm calls (median), a warm 1-token call for the step time, peak memory."""
-    from fastgpt import kernels_report, reset_kernels_report
-    from fastgpt.cuda_graph import last_generate_stats
+def _fastgpt_record() -> tuple[dict, dict]:
+    """(which implementation each op used, what the last generate call did) for the last call."""
+    import fastgpt
 
-    on_gpu = device.type == "cuda"
-    run, run_one = make_runner(engine, hf, model, ids, n_new), make_runner(engine, hf, model, ids, 1)
-    if on_gpu:
-        base = torch.cuda.memory_allocated()
-    reset_kernels_report()
-    cold, out = _timed(run, device)
-    first = last_generate_stats() if engine.startswith("fastgpt") else None
-    kernels = kernels_report() if engine.startswith("fastgpt") else None
-    _timed(run_one, device)  # warm the 1-token shape too (its own prefill plan)
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    times, one, warm = [], [], None
-    for _ in range(repeats):
-        seconds, out = _timed(run, device)
-        times.append(seconds)
-        if engine.startswith("fastgpt"):
-            warm = last_generate_stats()  # of the n-token call (a 1-token call has no decode step)
-        one.append(_timed(run_one, device)[0])
-    times.sort()
-    one.sort()
-    total = times[len(times) // 2]
-    step = (total - one[len(one) // 2]) / (n_new - 1) if n_new > 1 else total
-    result = dict(total_s=total, step_s=max(step, 1e-9), out=out, cold_s=cold, kernels=kernels)
-    if first is not None:
-        result["graph"] = dict(first_call=_graph_summary(first), warm=_graph_summary(warm))
-        result["capture_s"] = first.get("capture_s", 0.0)
-    if on_gpu:
-        result["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
-    return result
+    report = fastgpt.run_report()
+    return dict(report["dispatch"]), dict(report["generate"])
 
 
 def _graph_summary(stats: dict | None) -> dict | None:
-    if stats is None:
+    if not stats:
         return None
     return {k: stats.get(k) for k in ("path", "captured", "capture_s", "reason", "decode_steps")}
+
+
+def measure_config(engines, hf, model, ids, n_new, device, repeats) -> dict[str, dict]:
+    """Every engine on one configuration: a cold call, then ``repeats`` rounds of one warm n-token
+    and one warm 1-token call per engine, the engines' order rotated each round.
+
+    Returns ``{engine: measurements}`` (an ``error`` entry for an engine that cannot run here).
+    """
+    from fastgpt import reset_kernels_report
+
+    on_gpu = device.type == "cuda"
+    base = torch.cuda.memory_allocated() if on_gpu else 0
+    runs, m = {}, {}
+    for engine in engines:
+        try:
+            run, run_one = make_runner(engine, hf, model, ids, n_new), make_runner(engine, hf, model, ids, 1)
+            reset_kernels_report()
+            cold, out = _timed(run, device)
+            first = _fastgpt_record() if engine.startswith("fastgpt") else (None, None)
+            _timed(run_one, device)  # warm the 1-token shape too (its own prefill plan)
+        except Exception as exc:  # an engine that cannot run here (compile, OOM) is reported, not fatal
+            m[engine] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        runs[engine] = (run, run_one)
+        m[engine] = dict(cold_s=cold, out=out, kernels=first[0], first=first[1], times=[], steps=[], peak=0)
+    live = list(runs)
+    for round_ in range(repeats):
+        shift = round_ % max(len(live), 1)
+        for engine in live[shift:] + live[:shift]:
+            run, run_one = runs[engine]
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            seconds, m[engine]["out"] = _timed(run, device)
+            if on_gpu:
+                m[engine]["peak"] = max(m[engine]["peak"], torch.cuda.max_memory_allocated() - base)
+            if engine.startswith("fastgpt"):
+                m[engine]["warm"] = _fastgpt_record()[1]  # of the n-token call (1-token has no decode step)
+            one = _timed(run_one, device)[0]
+            m[engine]["times"].append(seconds)
+            m[engine]["steps"].append((seconds - one) / (n_new - 1) if n_new > 1 else seconds)
+    return m
+
+
+def noisy_engines(times: dict[str, list[float]]) -> set[str]:
+    """Engines whose [min, max] call times overlap another engine's: their order is not settled."""
+    noisy = set()
+    for a, ta in times.items():
+        for b, tb in times.items():
+            if a != b and min(ta) <= max(tb) and min(tb) <= max(ta):
+                noisy.add(a)
+    return noisy
+
+
+def measure_cpu_copy_bandwidth_gbs(n_bytes: int = 1 << 28) -> float:
+    """CPU memory copy bandwidth in GB/s (bytes read + written), median of 5 copies."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * n_bytes / statistics.median(times) / 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,192 +291,116 @@ def compare_greedy(out: torch.Tensor, ref: torch.Tensor, prompt_len: int, model)
 # --------------------------------------------------------------------------------------------
 # The suite
 # --------------------------------------------------------------------------------------------
-def run_suite(args) -> dict:
+def _backend_of(kernels: dict | None) -> str | None:
+    if not kernels:
+        return None
+    impls = set(kernels.values())
+    return "triton" if any(str(i).startswith(("triton", "cublas")) for i in impls) else "torch"
+
+
+def config_rows(name, source, dtype, batch, prompt_len, n_new, model, hf, m, nbytes, copy_bw) -> list[dict]:
+    """The result rows of one configuration from :func:`measure_config`'s measurements."""
+    c, item = model.config, model.dtype.itemsize
+    w_mb = weights_bytes(model) / 2**20
+    kv_mb = 2 * c.n_layer * batch * (prompt_len + n_new) * c.n_embd * item / 2**20
+    ok = {e: r for e, r in m.items() if "error" not in r}
+    noisy = noisy_engines({e: r["times"] for e, r in ok.items()})
+    medians = {e: statistics.median(r["times"]) for e, r in ok.items()}
+    rows = []
+    for engine, r in m.items():
+        row = dict(engine=engine, model=name, weights=source, dtype=dtype, batch=batch, prompt_len=prompt_len,
+                   new_tokens=n_new)  # fmt: skip
+        if "error" in r:
+            rows.append(dict(row, error=r["error"]))
+            continue
+        total, step = medians[engine], statistics.median(r["steps"])
+        step = max(step, 1e-9)
+        gbs = nbytes / step / 1e9
+        row.update(
+            tokens_per_s=batch * n_new / total,
+            tokens_per_s_min=batch * n_new / max(r["times"]),
+            tokens_per_s_max=batch * n_new / min(r["times"]),
+            spread_pct=100 * (max(r["times"]) - min(r["times"])) / total if len(r["times"]) > 1 else None,
+            noisy=engine in noisy if len(r["times"]) > 1 else None,  # one call: no spread, no noise check
+            repeats=len(r["times"]),
+            times_s=r["times"],
+            ms_per_token=step * 1e3,
+            ms_per_token_e2e=total / n_new * 1e3,
+            first_call_s=r["cold_s"],
+            step_bytes=nbytes,
+            step_gbs=gbs,
+            roofline_frac=(gbs / copy_bw) if copy_bw else None,
+            backend=_backend_of(r["kernels"]),
+            kernels=r["kernels"],
+        )
+        if engine.startswith("fastgpt"):
+            row.update(graph=dict(first_call=_graph_summary(r["first"]), warm=_graph_summary(r.get("warm"))),
+                       capture_s=(r["first"] or {}).get("capture_s") or 0.0)  # fmt: skip
+        if r["peak"]:
+            own_weights = w_mb if engine.startswith("fastgpt") else weights_bytes(hf) / 2**20
+            peak = own_weights + r["peak"] / 2**20
+            row.update(peak_mem_mb=peak, weights_mb=own_weights, kv_cache_mb=kv_mb, workspace_mb=peak - own_weights - kv_mb)
+        for base in ("hf-eager", "hf-static"):
+            if base in medians:
+                row[f"speedup_vs_{base.replace('-', '_')}"] = medians[base] / total
+        if "hf-eager" in ok:
+            row.update(compare_greedy(r["out"], ok["hf-eager"]["out"], prompt_len, model))
+        rows.append(row)
+    return rows
+
+
+def run_suite(args, save=None) -> dict:
+    """Run every configuration of ``args``; ``save(result)`` is called after each one with the
+    result so far (an interrupted run keeps what it measured)."""
     from tqdm import tqdm
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     on_gpu = device.type == "cuda"
-    copy_bw = measure_copy_bandwidth_gbs(device) if on_gpu else None
+    copy_bw = measure_copy_bandwidth_gbs(device) if on_gpu else measure_cpu_copy_bandwidth_gbs()
     if not on_gpu:
-        print("No GPU: running a small CPU configuration with the PyTorch backend (numbers are CPU numbers).")
-    configs = args.configs or [
-        (m, b, p, n) for m in args.models for b in args.batch for p in args.prompt_len for n in args.new_tokens
-    ]
-    rows = []
-    bar = tqdm(total=len(configs) * len(args.engines), desc="decode benchmark", unit="run", mininterval=2.0)
+        print("No GPU: CPU numbers; fastgpt runs its PyTorch backend here (the Triton kernels need a GPU).")
+    result = dict(result_header(device), copy_bandwidth_gbs=copy_bw, repeats=args.repeats, rows=[], summary=[])
+    rows = result["rows"]
+    bar = tqdm(total=len(args.configs), desc="decode benchmark", unit="config", mininterval=2.0)
     current = None
-    for model_name, batch, prompt_len, n_new in configs:
+    for model_name, batch, prompt_len, n_new in args.configs:
         if current is None or current[0] != model_name:
             current = None
             gc.collect()
             if on_gpu:
                 torch.cuda.empty_cache()
-            hf, model, source = build_models(model_name, dtype, device)
-            current = (model_name, hf, model, source)
+            current = (model_name, *build_models(model_name, dtype, device))
         _, hf, model, source = current
-        if prompt_len + n_new > model.config.n_positions:
-            bar.update(len(args.engines))
-            continue
-        torch.manual_seed(1)
-        ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
-        c = model.config
-        item = model.dtype.itemsize
-        context = prompt_len + n_new / 2
-        nbytes = step_bytes(model, batch, context)
-        w_mb = weights_bytes(model) / 2**20
-        kv_mb = 2 * c.n_layer * batch * (prompt_len + n_new) * c.n_embd * item / 2**20
-        config_rows, outputs, totals = [], {}, {}
-        for engine in args.engines:
-            bar.set_postfix_str(f"{model_name} b{batch} p{prompt_len} n{n_new} {engine}")
+        bar.set_postfix_str(f"{model_name} b{batch} p{prompt_len} n{n_new}")
+        if prompt_len + n_new <= model.config.n_positions:
+            torch.manual_seed(1)
+            ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
             _reset_engine_state(hf)
-            try:
-                m = measure_engine(engine, hf, model, ids, n_new, device, args.repeats)
-            except Exception as exc:  # an engine that cannot run here (compile, OOM) is reported, not fatal
-                rows.append(
-                    dict(engine=engine, model=model_name, batch=batch, prompt_len=prompt_len, new_tokens=n_new,
-                         error=f"{type(exc).__name__}: {exc}"[:300])
-                )  # fmt: skip
-                _reset_engine_state(hf)
-                bar.update(1)
-                continue
-            outputs[engine], totals[engine] = m["out"], m["total_s"]
-            gbs = nbytes / m["step_s"] / 1e9
-            row = dict(
-                engine=engine,
-                model=model_name,
-                weights=source,
-                dtype=args.dtype,
-                batch=batch,
-                prompt_len=prompt_len,
-                new_tokens=n_new,
-                tokens_per_s=batch * n_new / m["total_s"],
-                ms_per_token=m["step_s"] * 1e3,
-                ms_per_token_e2e=m["total_s"] / n_new * 1e3,
-                first_call_s=m["cold_s"],
-                step_bytes=nbytes,
-                step_gbs=gbs,
-                roofline_frac=(gbs / copy_bw) if copy_bw else None,
-                kernels=m["kernels"],
-            )
-            if "graph" in m:
-                row.update(graph=m["graph"], capture_s=m["capture_s"])
-            if "peak_extra_bytes" in m:
-                own_weights = w_mb if engine.startswith("fastgpt") else weights_bytes(hf) / 2**20
-                peak = own_weights + m["peak_extra_bytes"] / 2**20
-                row.update(
-                    peak_mem_mb=peak, weights_mb=own_weights, kv_cache_mb=kv_mb, workspace_mb=peak - own_weights - kv_mb
-                )
-            config_rows.append(row)
-            bar.update(1)
-        ref = outputs.get("hf-eager")
-        for row in config_rows:
-            if ref is not None:
-                row.update(compare_greedy(outputs[row["engine"]], ref, prompt_len, model))
-            for base in ("hf-eager", "hf-static"):
-                if base in totals:
-                    row[f"speedup_vs_{base.replace('-', '_')}"] = totals[base] / totals[row["engine"]]
-        rows += config_rows
-        _reset_engine_state(hf)
+            m = measure_config(args.engines, hf, model, ids, n_new, device, args.repeats)
+            nbytes = step_bytes(model, batch, prompt_len + n_new / 2)
+            rows += config_rows(model_name, source, args.dtype, batch, prompt_len, n_new, model, hf, m, nbytes, copy_bw)
+            _reset_engine_state(hf)
+            result["summary"] = target_summary(rows)
+            if save is not None:
+                save(result)
+        bar.update(1)
     bar.close()
-    return dict(result_header(device), copy_bandwidth_gbs=copy_bw, rows=rows, summary=target_summary(rows))
+    return result
 
 
-def _match_text(r: dict) -> tuple[str, bool | None]:
-    if "greedy_match" not in r:
-        return "not compared", None
-    if r["greedy_match"]:
-        return "identical", True
-    if r.get("divergence_near_tie"):
-        return f"near-tie after {r['match_prefix_min']} tokens", True
-    return f"MISMATCH after {r['match_prefix_min']} tokens (gap {r.get('divergence_gap', float('nan')):.3g})", False
-
-
-def target_summary(rows: list[dict]) -> list[dict]:
-    """The issue's targets (H100, fp16, 128-token prompt, 256 new tokens, warm) for the rows present."""
-
-    def find(engine, model, batch):
-        for r in rows:
-            if "error" in r:
-                continue
-            key = (r["engine"], r["model"], r["batch"], r["prompt_len"], r["new_tokens"])
-            if key == (engine, model, batch, 128, 256):
-                return r
-        return None
-
-    out = []
-
-    def add(metric: str, value, target: str, met: bool | None) -> None:
-        out.append(dict(metric=metric, value=value, target=target, met=met))
-
-    if (r := find("fastgpt", "gpt2", 1)) is not None:
-        add("decode gpt2 b1 tokens/s", r["tokens_per_s"], ">= 5000", r["tokens_per_s"] >= 5000)
-        if r.get("roofline_frac") is not None:
-            add("decode gpt2 b1 roofline", r["roofline_frac"], "> 0.40", r["roofline_frac"] > 0.4)
-        for base, goal in (("hf_eager", 70), ("hf_static", 15)):
-            if f"speedup_vs_{base}" in r:
-                value = r[f"speedup_vs_{base}"]
-                add(f"decode gpt2 b1 speed-up vs {base}", value, f">= {goal}x", value >= goal)
-        text, ok = _match_text(r)
-        add("decode gpt2 b1 greedy vs HF eager", text, "identical or near-tie", ok)
-        if r.get("graph") and r["graph"].get("warm"):
-            path = str(r["graph"]["warm"]["path"])
-            add("decode gpt2 b1 warm decode path", path, "graph", path == "graph")
-        if r.get("peak_mem_mb") is not None:
-            add("decode gpt2 b1 peak memory MB (weights+KV+workspace)", r["peak_mem_mb"], "report", None)
-    if (r := find("fastgpt", "gpt2-xl", 1)) is not None and r.get("roofline_frac") is not None:
-        add("decode gpt2-xl b1 roofline", r["roofline_frac"], ">= 0.80", r["roofline_frac"] >= 0.8)
-        text, ok = _match_text(r)
-        add("decode gpt2-xl b1 greedy vs HF eager", text, "identical or near-tie", ok)
-    if (r := find("fastgpt", "gpt2", 64)) is not None and "speedup_vs_hf_eager" in r:
-        value = r["speedup_vs_hf_eager"]
-        add("decode gpt2 b64 speed-up vs hf_eager", value, ">= 10x", value >= 10)
-    return out
-
-
-def print_table(result: dict) -> None:
-    bw = result["copy_bandwidth_gbs"]
-    print(f"\n{result['device']}  commit {result['commit']}  copy bandwidth {f'{bw:.0f}' if bw else '-'} GB/s")
-    head = (
-        f"{'engine':<19}{'model':<12}{'B':>4}{'prompt':>7}{'new':>5}{'tok/s':>10}{'ms/step':>9}{'roofline':>9}"
-        f"{'x eager':>8}{'x static':>9}{'peak MB':>9}  greedy vs HF eager"
-    )
-    print(head)
-    print("-" * len(head))
-    for r in result["rows"]:
-        if "error" in r:
-            print(
-                f"{r['engine']:<19}{r['model']:<12}{r.get('batch', ''):>4}{r.get('prompt_len', ''):>7}"
-                f"{r.get('new_tokens', ''):>5}  error: {r['error'][:90]}"
-            )
-            continue
-        roof = f"{100 * r['roofline_frac']:.1f}%" if r.get("roofline_frac") is not None else "-"
-        sx_e = f"{r['speedup_vs_hf_eager']:.2f}" if "speedup_vs_hf_eager" in r else "-"
-        sx_s = f"{r['speedup_vs_hf_static']:.2f}" if "speedup_vs_hf_static" in r else "-"
-        peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"
-        print(
-            f"{r['engine']:<19}{r['model']:<12}{r['batch']:>4}{r['prompt_len']:>7}{r['new_tokens']:>5}"
-            f"{r['tokens_per_s']:>10.1f}{r['ms_per_token']:>9.3f}{roof:>9}{sx_e:>8}{sx_s:>9}{peak:>9}  {_match_text(r)[0]}"
-        )
-    said = set()
-    for r in result["rows"]:
-        graph = r.get("graph")
-        if graph and graph["first_call"] and graph["first_call"].get("captured"):
-            print(
-                f"  {r['engine']} {r['model']} b{r['batch']} p{r['prompt_len']} n{r['new_tokens']}: first call "
-                f"{r['first_call_s']:.2f} s including CUDA-graph capture {r['capture_s']:.3f} s (warm numbers above)"
-            )
-        elif graph and graph["warm"] and graph["warm"]["path"] != "graph":
-            line = f"  {r['engine']} {r['model']}: eager decode ({graph['warm']['reason']})"
-            if line not in said:
-                said.add(line)
-                print(line)
-    if result.get("summary"):
-        print("\ntargets:")
-        for s in result["summary"]:
-            value = f"{s['value']:.3g}" if isinstance(s["value"], float) else str(s["value"])
-            met = {True: "MET", False: "missed", None: "-"}[s["met"]]
-            print(f"  {s['metric']:<58}{value:>28}  target {s['target']:<22}{met}")
+def default_configs(on_gpu: bool, full: bool) -> list[tuple[str, int, int, int]]:
+    """(model, batch, prompt_len, new_tokens) of the default run or of ``--full``."""
+    if full and on_gpu:
+        return [(m, b, p, n) for m in ("gpt2", "gpt2-medium", "gpt2-xl") for b in (1, 8, 64) for p in (16, 512)
+                for n in (10, 50, 100, 200, 512)]  # fmt: skip
+    if full:
+        return [(m, b, p, n) for m in ("small-d256", "gpt2", "gpt2-medium") for b in (1, 8) for p in (16, 256)
+                for n in (32, 128)]  # fmt: skip
+    n_new = 128 if on_gpu else 32
+    main = [(m, b, 16, n_new) for m in ("small-d256", "gpt2") for b in (1, 8)]
+    context = [("small-d256", 1, p, n_new) for p in (128, 512)]
+    return main + context  # the headline rows first: an interrupted run keeps them
 
 
 def parse_args(argv=None):
@@ -421,45 +413,45 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", nargs="+", type=int, default=None)
     p.add_argument("--new-tokens", nargs="+", type=int, default=None)
     p.add_argument("--engines", nargs="+", default=None, choices=ENGINES)
-    p.add_argument("--repeats", type=int, default=None, help="warm calls per row (median)")
-    p.add_argument("--name", default="decode", help="results file name (without .json)")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration (default 3; --quick 1)")
+    p.add_argument("--full", action="store_true", help="the whole matrix (long: an hour on a GPU)")
     p.add_argument("--quick", action="store_true", help="only the issue's target rows (for make gpu-check)")
+    p.add_argument("--reference", action="store_true",
+                   help="write the committed reference results benchmarks/results/decode_<device>.* (on purpose only)")
+    p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    args.configs = None
+    gpu = args.device.startswith("cuda")
     if args.quick:
-        args.configs = TARGET_CONFIGS if on_gpu else [("small-d256", 1, 16, 20)]
-    if on_gpu:
-        args.models = args.models or ["gpt2", "gpt2-medium", "gpt2-xl"]
-        args.batch = args.batch or [1, 8, 64]
-        args.prompt_len = args.prompt_len or [16, 512]
-        args.new_tokens = args.new_tokens or [10, 50, 100, 200, 512]
-        args.engines = args.engines or (
-            ["hf-eager", "hf-static", "fastgpt-torch", "fastgpt-eager", "fastgpt"] if args.quick else list(ENGINES)
-        )
-        args.repeats = args.repeats or (1 if args.quick else 3)
+        args.configs = TARGET_CONFIGS if gpu else [("small-d256", 1, 16, 20)]
     else:
-        # Small enough for a couple of minutes on 2 cores; "fastgpt" is the torch backend here.
-        args.models = args.models or ["small-d256", "gpt2"]
-        args.batch = args.batch or [1]
-        args.prompt_len = args.prompt_len or [16]
-        args.new_tokens = args.new_tokens or [10, 50, 100, 200]
-        args.engines = args.engines or ["hf-eager", "fastgpt"]
-        args.repeats = args.repeats or 1
+        args.configs = default_configs(gpu, args.full)
+    # --models/--batch/--prompt-len/--new-tokens replace that axis of the chosen set.
+    axes = (args.models, args.batch, args.prompt_len, args.new_tokens)
+    if any(axes):
+        values = [sorted({c[i] for c in args.configs}, key=[c[i] for c in args.configs].index) for i in range(4)]
+        picked = [chosen or default for chosen, default in zip(axes, values)]
+        args.configs = [(m, b, pl, n) for m in picked[0] for b in picked[1] for pl in picked[2] for n in picked[3]]
+    if args.engines is None:
+        args.engines = ["hf-eager", "hf-static", "fastgpt"]
+        if gpu and (args.full or args.quick):
+            args.engines = list(ENGINES) if args.full else ["hf-eager", "hf-static", "fastgpt-torch", "fastgpt-eager", "fastgpt"]
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = run_suite(args)
+    folder = output_dir(args.reference)
+    result = run_suite(args, save=lambda partial: write_json(folder, "decode", partial))
     print_table(result)
-    on_gpu = args.device.startswith("cuda")
-    name = args.name if on_gpu else f"{args.name}_cpu"
-    path = write_results(name, result)
+    path = write_json(folder, "decode", result)
+    print(f"wrote {path}")
     if not args.no_plots:
         from benchmarks.plots import plot_decode
 
-        for written in plot_decode(result, path.parent, prefix=name):
+        for written in plot_decode(result, path.parent, prefix=path.stem):
             print(f"wrote {written}")
     return result
 

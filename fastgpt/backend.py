@@ -1,9 +1,10 @@
 """The kernel boundary: which implementation of each hot op runs, and a record of what ran.
 
-The model calls :func:`attention`, :func:`select_next_token` and the layer ops :func:`ln_linear`
-/ :func:`residual_linear` (LayerNorm + projection, projection + residual; built on :func:`linear`
-and :func:`add_layernorm`) and nothing else kernel-specific, so the Triton and CUDA kernels
-replace the PyTorch reference without touching the model.
+The model calls :func:`attention`, :func:`select_next_token` and the layer ops :func:`ln_linear` /
+:func:`residual_linear` (LayerNorm + projection, projection + residual; built on
+:func:`add_layernorm`) and nothing else kernel-specific, so the Triton and CUDA kernels replace
+the PyTorch reference without touching the model. Beam search takes its top-k through
+:func:`topk` (the CUDA/CPU top-k op).
 
 ``FASTGPT_BACKEND`` picks the implementation, read each time ``forward()`` / ``generate()`` runs:
 
@@ -13,8 +14,9 @@ replace the PyTorch reference without touching the model.
 * ``auto`` or unset -- the fastest available on the device: ``triton`` on CUDA when Triton
   imports, else ``torch``.
 
-:func:`kernels_report` says which implementation each op actually used since the last
-:func:`reset_kernels_report`; benchmarks print it and tests assert it.
+:func:`run_report` is the one record of what ran (contract C2): :func:`kernels_report` (which
+implementation each op used since the last :func:`reset_kernels_report`), :func:`last_generate_stats`
+(what the last generate() did) and the kernels' launch record. Benchmarks print it; tests assert it.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def resolve_backend(device: torch.device | str) -> str:
 @functools.cache
 def _triton_kernels_importable() -> bool:
     try:
-        import fastgpt.kernels.attention  # noqa: F401
+        import fastgpt.kernels.attention_decode  # noqa: F401
+        import fastgpt.kernels.attention_prefill  # noqa: F401
         import fastgpt.kernels.sampling  # noqa: F401
     except Exception as exc:  # ImportError, or a Triton that fails to initialise its driver
         warnings.warn(f"fastgpt: Triton kernels unavailable ({exc}); using the PyTorch backend", stacklevel=3)
@@ -86,6 +89,46 @@ def reset_kernels_report() -> None:
     _ran.clear()
 
 
+_last_generate: dict = {}
+
+
+def record_generate(**stats) -> dict:
+    """Start the record of one generate() call (its loop fills in ``decode_steps`` at the end)."""
+    _last_generate.clear()
+    _last_generate.update(decode_steps=0, **stats)
+    return _last_generate
+
+
+def last_generate_stats() -> dict:
+    """What the last generate() call did.
+
+    Keys: ``loop`` ("fast", "streaming" or "beam"), ``path`` ("graph" or "eager"), ``captured``
+    (this call captured the graph), ``capture_s`` (seconds spent warming up and capturing, 0 when
+    reused), ``reason`` (why eager, or None), ``key`` (the graph's ``GraphKey`` or None),
+    ``decode_steps`` (steps after the prefill).
+    """
+    return dict(_last_generate)
+
+
+def _launch_record() -> dict:
+    try:
+        from fastgpt.kernels.utils import launch_record
+    except ImportError:  # the kernels' registry (contract C2) is not in this tree yet
+        return {}
+    return launch_record()
+
+
+def run_report() -> dict:
+    """One record of what ran (contract C2).
+
+    ``{"dispatch": kernels_report(), "generate": last_generate_stats(), "launches":
+    fastgpt.kernels.utils.launch_record()}``: which implementation each op used since
+    :func:`reset_kernels_report`, what the last generate() call did, and what each kernel
+    launcher ran (with its details).
+    """
+    return {"dispatch": kernels_report(), "generate": last_generate_stats(), "launches": _launch_record()}
+
+
 # --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
@@ -97,21 +140,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: i
     k_cache, v_cache = cache.layer(layer)
     T = q.shape[1]
     if backend == "triton":
-        import fastgpt.kernels.attention as triton_attention
+        from fastgpt.kernels import attention_decode, attention_prefill
+        from fastgpt.kernels.attention_common import SUPPORTED_HEAD_DIMS
 
-        if q.shape[-1] not in triton_attention.SUPPORTED_HEAD_DIMS:
+        if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
             _warn_once(
-                f"fastgpt: the Triton attention kernels support head_dim {triton_attention.SUPPORTED_HEAD_DIMS}, "
+                f"fastgpt: the Triton attention kernels support head_dim {SUPPORTED_HEAD_DIMS}, "
                 f"this model has {q.shape[-1]}; attention runs in PyTorch (CUDA-graph safe, slower)"
             )
             _record("attention", "torch:attention_at")
             return reference.attention_at(q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start)
         if cache.pos == 0:
             _record("attention.prefill", "triton")
-            return triton_attention.prefill_attention(q, k, v, k_cache, v_cache, cache.row_start)
+            return attention_prefill.prefill_attention(q, k, v, k_cache, v_cache, cache.row_start)
         if T == 1:
             _record("attention.decode", "triton")
-            return triton_attention.decode_attention(
+            return attention_decode.decode_attention(
                 q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start, _decode_workspace(cache)
             )
         # Several new tokens after a prefix (chunked prefill) has no kernel yet.
@@ -123,12 +167,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: i
 
 
 def _decode_workspace(cache) -> dict:
-    """The flash-decoding partials of ``cache``'s shape, allocated once per cache (before capture)."""
+    """The flash-decoding partials of ``cache``'s shape, kept in ``cache.workspace``."""
     workspace = cache.workspace.get("attention")
-    if workspace is None:
-        import fastgpt.kernels.attention as triton_attention
+    if workspace is None:  # eager decoding: allocated at the first step (see allocate_workspaces)
+        from fastgpt.kernels import attention_decode
 
-        workspace = triton_attention.decode_workspace(cache.batch, cache.n_head, cache.head_dim, cache.max_len, cache.device)
+        workspace = attention_decode.decode_workspace(cache.batch, cache.n_head, cache.head_dim, cache.max_len, cache.device)
         cache.workspace["attention"] = workspace
     return workspace
 
@@ -146,17 +190,18 @@ def attention_residual_linear(
     """
     B, T, H, D = q.shape
     if backend == "triton" and T == 1 and cache.pos > 0:
-        import fastgpt.kernels.attention as triton_attention
         import fastgpt.kernels.linear as triton_linear
         import fastgpt.kernels.linear_plan as linear_plan
+        from fastgpt.kernels import attention_decode
+        from fastgpt.kernels.attention_common import SUPPORTED_HEAD_DIMS
 
         weight, bias = proj.weight, getattr(proj, "bias", None)
-        if D in triton_attention.SUPPORTED_HEAD_DIMS:
+        if D in SUPPORTED_HEAD_DIMS:
             rows = q.flatten(2)  # (B, 1, H, D) -> (B, 1, C): the projection's input shape (for the plan)
             chosen = linear_plan.plan(rows, weight, bias, residual=x)
             if chosen.impl == "triton":
                 k_cache, v_cache = cache.layer(layer)
-                partials = triton_attention.decode_attention(
+                partials = attention_decode.decode_attention(
                     q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start, _decode_workspace(cache), combine=False
                 )
                 _record("attention.decode", "triton")
@@ -173,9 +218,11 @@ def attention_residual_linear(
 class SamplingState:
     """Per-row sampling settings as device tensors, plus the RNG state, for one generate() call.
 
-    Settings live on the device so that the same code (and later the same captured CUDA graph)
-    serves any values and a batch can mix them. ``all_greedy`` lets the PyTorch path skip the
-    filtering work when no row samples.
+    Settings live on the device so that the same code (and the same captured CUDA graph) serves
+    any values and a batch can mix them. ``all_greedy`` lets the PyTorch path skip the filtering
+    work when no row samples. ``status`` ``(B, 2)`` int32 is the sampler's failure record
+    (contract C1: bit 1 NaN, 2 +inf, 4 every token banned, in column 0; the RNG step of the first
+    failure in column 1), zeroed here and read only at the decode loop's host checks.
     """
 
     def __init__(self, batch: int, device: torch.device, *, temperature, top_k, top_p, min_p, seed: int | None):
@@ -189,8 +236,9 @@ class SamplingState:
         self.seed_value = seed
         self.seed = torch.tensor([seed], dtype=torch.int64, device=device)
         self.step = torch.zeros(1, dtype=torch.int64, device=device)
+        self.status = torch.zeros((batch, 2), dtype=torch.int32, device=device)
         self.generator = torch.Generator(device=device)
-        #: Scratch of the Triton sampler, allocated on first use (kernels.sampling.sampling_workspace).
+        #: Scratch of the Triton sampler (kernels.sampling.sampling_workspace), see allocate_workspaces.
         self.workspace: dict | None = None
         self.generator.manual_seed(seed)
 
@@ -199,6 +247,26 @@ def _is_zero(value) -> bool:
     if isinstance(value, torch.Tensor):
         return False  # deciding would need a sync; take the general path
     return value == 0
+
+
+def allocate_workspaces(cache, sampling: SamplingState, vocab_size: int, backend: str) -> None:
+    """Allocate the decode step's scratch (attention split partials, sampler workspace) now.
+
+    The CUDA-graph capture calls this on the main stream before its warm-up on a side stream, so
+    no workspace a graph replays into is owned by the side stream's allocator pool.
+    """
+    if backend != "triton":
+        return
+    import fastgpt.kernels.sampling as triton_sampling
+    from fastgpt.kernels import attention_decode
+    from fastgpt.kernels.attention_common import SUPPORTED_HEAD_DIMS
+
+    if "attention" not in cache.workspace and cache.head_dim in SUPPORTED_HEAD_DIMS:
+        cache.workspace["attention"] = attention_decode.decode_workspace(
+            cache.batch, cache.n_head, cache.head_dim, cache.max_len, cache.device
+        )
+    if sampling.workspace is None:
+        sampling.workspace = triton_sampling.sampling_workspace(cache.batch, vocab_size, cache.device)
 
 
 def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) -> torch.Tensor:
@@ -214,18 +282,32 @@ def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) 
             workspace = state.workspace = triton_sampling.sampling_workspace(B, V, logits.device)
         tokens = triton_sampling.sample(
             logits, state.temperature, state.top_k, state.top_p, state.min_p, state.seed, state.step,
-            workspace=workspace,
-        )
+            workspace=workspace, status=state.status,
+        )  # fmt: skip
     elif state.all_greedy:
         _record("sample", "torch:greedy")
         tokens = reference.greedy(logits)
     else:
         _record("sample", "torch")
         tokens = reference.sample(
-            logits, state.temperature, state.top_k, state.top_p, state.min_p, generator=state.generator
-        )
+            logits, state.temperature, state.top_k, state.top_p, state.min_p, generator=state.generator,
+            status=state.status, step=state.step,
+        )  # fmt: skip
     state.step.add_(1)
     return tokens
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, n) -> (values, int64 indices)`` of the ``k`` largest per row, ties to the lower
+    index: the CUDA/CPU top-k op (``fastgpt.kernels.topk``, contract C3; it falls back to
+    ``torch`` with one warning when the op cannot be built). Records ``topk`` -> its path.
+    Graph-capturable on CUDA once loaded (tests/test_beam_search.py replays it in a CUDA graph)."""
+    import fastgpt.kernels.topk as topk_op
+
+    values, indices = topk_op.topk(x, k)
+    path = getattr(topk_op, "topk_backend", None)  # the launch record (C2) has the details
+    _record("topk", path(x.device) if path is not None else "op")
+    return values, indices
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,40 +329,6 @@ GEMV_MAX_M = 16
 
 def _phase(x: torch.Tensor) -> str:
     return "gemv" if x.numel() // x.shape[-1] <= GEMV_MAX_M else "gemm"
-
-
-def linear(
-    x: torch.Tensor,
-    layer,
-    backend: str,
-    *,
-    activation: str | None = None,
-    residual: torch.Tensor | None = None,
-    ln=None,
-    op: str = "linear",
-) -> torch.Tensor:
-    """``residual + act(ln(x) @ layer.weight.T + layer.bias)``, every stage optional.
-
-    ``layer`` is an ``nn.Linear`` (or anything with ``.weight`` ``(N, K)`` and optionally
-    ``.bias``, e.g. the tied ``nn.Embedding`` of the LM head); ``ln`` an ``nn.LayerNorm`` or None;
-    ``activation`` None, ``"gelu_tanh"`` or ``"gelu"``. On the Triton backend the per-shape plan
-    (:func:`kernels.linear_plan.plan`) picks the fused GEMV or cuBLAS; records ``linear.<op>.<phase>``.
-    """
-    weight, bias = layer.weight, getattr(layer, "bias", None)
-    ln_kwargs = {} if ln is None else dict(ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps)
-    if backend == "triton":
-        import fastgpt.kernels.linear as triton_linear
-        import fastgpt.kernels.linear_plan as linear_plan
-
-        chosen = linear_plan.plan(x, weight, bias, activation=activation, residual=residual, **ln_kwargs)
-        _record(f"linear.{op}.{_phase(x)}", chosen.impl)
-        if chosen.impl == "triton":
-            return triton_linear.linear(
-                x, weight, bias, activation=activation, residual=residual, config=chosen.config, **ln_kwargs
-            )
-        return triton_linear.cublas_linear(x, weight, bias, activation=activation, residual=residual, **ln_kwargs)
-    _record(f"linear.{op}.{_phase(x)}", "torch")
-    return reference.linear(x, weight, bias, activation=activation, residual=residual, **ln_kwargs)
 
 
 def add_layernorm(

@@ -5,11 +5,13 @@ of prompt ``b``), ``V`` vocabulary, ``T`` prompt length (left padded), ``L = T +
 
 One step, as ``transformers`` 5.x ``_beam_search`` does it (all on device tensors):
 
-1. ``log_probs = log_softmax(logits)`` in float32, then the logits processors (repetition penalty,
-   no-repeat n-gram, min new tokens) act on the log-probabilities; the beam's running score is
+1. ``log_probs = log_softmax(logits)`` in float32, then the decoder's EOS ban (min new tokens) and
+   the logits processors (repetition penalty, no-repeat n-gram) act on the log-probabilities
+   (:meth:`fastgpt.decoder.Decoder.process`); the beam's running score is
    added: ``acc[b, i * V + v] = score[b, i] + log_probs[b * N + i, v]``.
-2. The top ``K = max(2, 1 + n_eos) * N`` continuations of ``acc`` per prompt (``torch.topk``), so at
-   least ``N`` of them do not end in EOS.
+2. The top ``K = max(2, 1 + n_eos) * N`` continuations of ``acc`` per prompt, so at least ``N`` of
+   them do not end in EOS. Every top-k here goes through the top-k op (``fastgpt.backend.topk``:
+   the CUDA or CPU op of ``fastgpt.kernels.topk``, ties to the lower index as ``torch.topk``).
 3. A continuation "hits the stopping criteria" when its token is an EOS id or the sequence reaches
    ``L`` tokens. The best ``N`` that do not become the running beams (finished ones are pushed
    down by ``-1e9``).
@@ -30,19 +32,21 @@ The stop condition is evaluated on the device every step but read by the host on
 (their candidates all carry a ``-1e9`` penalty), so the extra steps only cost time and their
 recorded scores are dropped.
 
-The arithmetic (the ``-1e9`` penalties, the ``** length_penalty`` on host ints, the ``topk``
-calls on tensors of the same shapes) mirrors HF's operation for operation, because ties between
-penalised candidates are broken by ``topk``'s index order and must fall the same way.
+The arithmetic (the ``-1e9`` penalties, the ``** length_penalty`` on host ints, the top-k calls on
+tensors of the same shapes) mirrors HF's operation for operation, because ties between penalised
+candidates are broken by the top-k's index order and must fall the same way. That is why
+:func:`beam_search` is one long function: it reads step for step against HF's ``_beam_search``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .logits_processors import ProcessorList, recorded_scores
+from . import backend as _backend
+from .decoder import Decoder
+from .logits_processors import processors_for, recorded_scores
 
 #: Steps between two host reads of the device-side "stop" flag.
 SYNC_EVERY = 4
@@ -59,6 +63,19 @@ class BeamSearchOutput:
     beam_indices: torch.Tensor  # (B * num_return_sequences, n) int32, -1 past the end
     scores: tuple[torch.Tensor, ...] | None  # per step (R, V) processed log-probs
     logits: tuple[torch.Tensor, ...] | None  # per step (R, V) raw logits
+    n_steps: int  # the steps HF runs
+
+    def to_hf(self):
+        """transformers' ``GenerateBeamDecoderOnlyOutput`` of these fields."""
+        from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
+
+        return GenerateBeamDecoderOnlyOutput(
+            sequences=self.sequences,
+            sequences_scores=self.sequences_scores if self.scores is not None else None,
+            scores=self.scores,
+            logits=self.logits,
+            beam_indices=self.beam_indices,
+        )
 
 
 def _gather_beams(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -68,45 +85,30 @@ def _gather_beams(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def beam_search(
-    model,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    num_beams: int,
-    row_start: torch.Tensor | None = None,
-    eos_token_ids: Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    num_return_sequences: int = 1,
-    processors: ProcessorList | None = None,
-    output_logits: bool = False,
-) -> BeamSearchOutput:
-    """Beam search from validated inputs (see :func:`fastgpt.generate.generate` for the checks).
+def beam_search(model, settings, input_ids: torch.Tensor, row_start: torch.Tensor | None) -> BeamSearchOutput:
+    """Beam search with checked :class:`~fastgpt.settings.GenerationSettings` (``num_beams``,
+    ``length_penalty``, ``early_stopping``, ``num_return_sequences``, EOS/pad ids, the processors'
+    settings, ``output_scores`` / ``output_logits``).
 
     Parameters
     ----------
     model : fastgpt.GPT
+    settings : ``num_beams >= 2`` (1 works too: greedy search with beam bookkeeping).
     input_ids : (B, T) int64 on the model's device, left padded.
-    max_new_tokens : >= 1, with ``T + max_new_tokens <= n_positions``.
-    num_beams : >= 2 (1 works too and is greedy search with beam bookkeeping).
     row_start : (B,) int32 count of pad tokens per row, or None.
-    eos_token_ids : ids that end a hypothesis, or None.
-    pad_token_id : fill after a hypothesis' end (HF: ``pad or eos[0]``; unused without EOS).
-    length_penalty : exponent of the length in the finished-hypothesis score.
-    early_stopping : True, False or "never" (HF's meanings).
-    num_return_sequences : 1 .. num_beams hypotheses returned per prompt, best first.
-    processors : logits processors for ``R = B * num_beams`` rows (started here); a
-        :class:`~fastgpt.logits_processors.ScoresRecorder` in it collects ``output_scores``.
-    output_logits : also return the raw logits of every step.
+
+    ``sequences_scores`` are returned (as by HF) only with ``output_scores``; HF's pad fill is
+    ``pad_token_id or eos[0]``.
     """
     device = input_ids.device
     B, T = input_ids.shape
-    N = num_beams
+    N = settings.num_beams
     R = B * N
     V = model.config.vocab_size
+    max_new_tokens = settings.max_new_tokens
     L = T + max_new_tokens
+    length_penalty, early_stopping = settings.length_penalty, settings.early_stopping
+    eos_token_ids, pad_token_id = settings.eos_token_ids, settings.pad_token_id
     eos = None if not eos_token_ids else torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     n_eos = 0 if eos is None else eos.numel()
     K = max(2, 1 + n_eos) * N
@@ -115,11 +117,10 @@ def beam_search(
 
     # Prompt rows repeated per beam: (B, T) -> (R, T).
     flat_ids = input_ids.repeat_interleave(N, dim=0)
-    cache = model.new_cache(R, L)
-    if row_start is not None:
-        cache.set_row_start(row_start.to(device).repeat_interleave(N))
-    if processors is not None:
-        processors.start(flat_ids, L)
+    flat_start = None if row_start is None else row_start.to(device).repeat_interleave(N)  # (R,)
+    processors = processors_for(settings, V, flat_ids, flat_start)  # greedy: scores are the log-probs
+    decoder = Decoder.create(model, settings, R, L, row_start=flat_start, processors=processors)
+    cache = decoder.cache
 
     # HF: `pad_token_id or eos_token_id[0] if eos_token_id is not None else -1`.
     fill = (pad_token_id if pad_token_id else int(eos[0])) if eos is not None else -1
@@ -144,21 +145,15 @@ def beam_search(
     n_steps = 0
     for step in range(max_new_tokens):
         cur_len = T + step
-        if step == 0:
-            logits = model(flat_ids, cache, last_only=True)[:, -1]
-        else:
-            # (B, N) last tokens -> (R, 1)
-            logits = model(running_seq[:, :, cur_len - 1].reshape(R, 1), cache)[:, -1]
-        logits = logits.float()
-        if output_logits:
+        # The prompt (prefill), then each beam's last token: (B, N) -> (R, 1).
+        logits = decoder.logits(flat_ids if step == 0 else running_seq[:, :, cur_len - 1].reshape(R, 1))
+        if settings.output_logits:
             all_logits.append(logits.clone())
-        log_probs = torch.log_softmax(logits, dim=-1)  # (R, V)
-        if processors is not None:
-            log_probs = processors(log_probs)
+        log_probs = decoder.process(torch.log_softmax(logits, dim=-1))  # (R, V)
 
         # 1-2. accumulated scores and the top K continuations per prompt.
         acc = (log_probs.view(B, N, V) + running_score[:, :, None]).reshape(B, N * V)
-        top_score, top_index = torch.topk(acc, K)  # (B, K)
+        top_score, top_index = _backend.topk(acc, K)  # (B, K)
         src_beam = top_index // V  # (B, K) beam within the prompt
         tokens = top_index % V
         cand_seq = _gather_beams(running_seq, src_beam)  # (B, K, L)
@@ -173,7 +168,7 @@ def beam_search(
         if cur_len + 1 >= L:
             hits = torch.ones_like(hits)
         run_score = top_score + hits.to(torch.float32) * _NEG
-        keep = torch.topk(run_score, k=N)[1]  # (B, N)
+        keep = _backend.topk(run_score, N)[1]  # (B, N)
         running_seq = _gather_beams(cand_seq, keep)
         running_score = _gather_beams(run_score, keep)
         running_src = _gather_beams(cand_src, keep)
@@ -186,7 +181,7 @@ def beam_search(
         fin += (~can_improve).to(torch.float32) * _NEG
         fin += (~just_finished) * _NEG
         merged_score = torch.cat((finished_score, fin), dim=1)  # (B, N + K)
-        best = torch.topk(merged_score, k=N)[1]
+        best = _backend.topk(merged_score, N)[1]
         finished_seq = _gather_beams(torch.cat((finished_seq, cand_seq), dim=1), best)
         finished_score = _gather_beams(merged_score, best)
         finished_src = _gather_beams(torch.cat((finished_src, cand_src), dim=1), best)
@@ -197,7 +192,7 @@ def beam_search(
         cache.reorder_rows(rows)
         if processors is not None:
             processors.reorder(rows)
-            processors.update(running_seq[:, :, cur_len].reshape(R))
+        decoder.record(running_seq[:, :, cur_len].reshape(R))
         n_steps = step + 1
 
         # Stop condition (HF `_check_early_stop_heuristic` + `_beam_search_has_unfinished_sequences`).
@@ -219,6 +214,7 @@ def beam_search(
     stopped = int(stop_step)
     if stopped >= 0:
         n_steps = stopped + 1  # the steps HF runs; the later ones changed nothing that is kept
+    num_return_sequences = settings.num_return_sequences
     sequences = finished_seq[:, :num_return_sequences].reshape(B * num_return_sequences, L)
     seq_scores = finished_score[:, :num_return_sequences].reshape(-1)
     src = finished_src[:, :num_return_sequences].reshape(B * num_return_sequences, max_new_tokens)
@@ -230,5 +226,6 @@ def beam_search(
         sequences_scores=seq_scores,
         beam_indices=src[:, :n_out],
         scores=scores,
-        logits=tuple(all_logits[:n_steps]) if output_logits else None,
+        logits=tuple(all_logits[:n_steps]) if settings.output_logits else None,
+        n_steps=n_steps,
     )

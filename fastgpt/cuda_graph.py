@@ -9,7 +9,7 @@ launches all of it with one call, back to back on the GPU.
 
 What is captured
 ----------------
-:meth:`fastgpt.generate.Decoder.step`, unchanged (the same function runs eagerly on the CPU, in
+:meth:`fastgpt.decoder.Decoder.step`, unchanged (the same function runs eagerly on the CPU, in
 CI and with the ``torch`` backend): embedding, every layer, final LayerNorm, LM head, the EOS ban
 (min_new_tokens), the sampler, the EOS -> pad bookkeeping; followed by a copy of the chosen tokens
 into the graph's input buffer, so replay ``n + 1`` reads what replay ``n`` chose. Everything that
@@ -30,9 +30,9 @@ change the summation order relative to the eager path), dtype, device, backend, 
 ids, and whether EOS is banned early (``min_new_tokens > 0``). Each :class:`DecodeGraph` owns the
 state its graph reads and writes -- the KV cache (and the attention workspace attached to it),
 the sampling settings, seed and step, the EOS/pad ids, ``min_new_tokens``, the finished flags,
-the token buffer -- as one persistent :class:`~fastgpt.generate.Decoder`. A later generate() with
+the token buffer -- as one persistent :class:`~fastgpt.decoder.Decoder`. A later generate() with
 the same key reuses all of it: :meth:`DecodeGraph.load` resets it in place (``copy_``, ``zero_``,
-``fill_``) with the call's left padding and settings (greedy or sampling, temperature, top-k,
+``fill_``) with the call's left padding and :class:`~fastgpt.settings.GenerationSettings` (greedy or sampling, temperature, top-k,
 top-p, min-p, seed, EOS and pad ids, min_new_tokens). The KV cache needs no clearing: prefill
 overwrites slots ``[0, T)`` and each step writes its slot before reading it; nothing past the
 current slot is ever read. Graphs live in a small per-model LRU (``FASTGPT_GRAPH_CACHE_SIZE``,
@@ -40,7 +40,8 @@ default 4 shapes), freed with the model; :func:`clear_graph_cache` frees them at
 
 Capture
 -------
-On the first call with a key: build the persistent state, run the step eagerly ``N_WARMUP`` times
+On the first call with a key: build the persistent state and allocate its workspaces (attention
+split partials, sampler scratch) on the main stream, run the step eagerly ``N_WARMUP`` times
 on a side stream (CUDA graphs require it; it also compiles and autotunes the Triton kernels and
 resolves any first-use choice, so nothing of that kind happens during capture), then capture one
 step with ``torch.cuda.graph(g, pool=<one pool per device, shared by all graphs>)``. The warm-up
@@ -52,14 +53,19 @@ temporary alive from one replay to the next, so their temporaries may overlap.
 
 When anything fails (a kernel that syncs, an unsupported op, out of memory), generate() decodes
 eagerly and warns once (per distinct failure); the shape is remembered and not retried.
-:func:`last_generate_stats` says what the last generate() did: ``path`` ("graph" or "eager"),
-``captured`` and ``capture_s`` (a first call that captured), ``reason`` (why eager).
+``fastgpt.last_generate_stats()`` says what the last generate() did: ``path`` ("graph" or
+"eager"), ``captured`` and ``capture_s`` (a first call that captured), ``reason`` (why eager).
 
 Where it applies: ``FASTGPT_CUDA_GRAPH`` = ``auto``/``1`` (default: on for CUDA tensors with the
 ``triton`` backend; the ``torch`` backend's reference attention slices the cache with the host
-``pos``, which a replay cannot change, so it always runs eagerly), ``0`` (always eager), or
-``emulate`` (tests: the same persistent state, keys, reuse and host bookkeeping on any device and
-backend, with each "replay" an eager call of the step).
+``pos``, which a replay cannot change, so it always runs eagerly) or ``0`` (always eager). The
+CPU tests exercise the persistent state, keys, reuse and host bookkeeping by replacing
+:meth:`DecodeGraph.capture` and :func:`unavailable_reason` (tests/helpers.py), not through a
+production switch.
+
+Entry point: ``GraphCache.graph_for(model, settings, batch, max_len, row_start)`` -> ``(graph, None)`` with
+the graph loaded and marked in use, or ``(None, reason)``; the loop calls ``graph.step`` per token
+and ``graph.release()`` at the end.
 
 Not thread-safe: a graph and its state serve one generate() at a time. A concurrent or re-entrant
 call with a shape whose graph is busy decodes eagerly.
@@ -77,16 +83,15 @@ from typing import NamedTuple
 import torch
 
 from . import backend as _backend
+from .decoder import Decoder
 
 __all__ = [
     "ENV_VAR",
     "GraphKey",
     "DecodeGraph",
-    "graph_mode",
+    "GraphCache",
+    "graph_enabled",
     "unavailable_reason",
-    "persistent_decoder",
-    "bind",
-    "last_generate_stats",
     "clear_graph_cache",
     "cached_graphs",
 ]
@@ -109,25 +114,20 @@ class GraphKey(NamedTuple):
     ban_eos_early: bool
 
 
-def graph_mode() -> str:
-    """``"on"``, ``"off"`` or ``"emulate"``, from ``FASTGPT_CUDA_GRAPH`` (read at every call)."""
+def graph_enabled() -> bool:
+    """Whether ``FASTGPT_CUDA_GRAPH`` allows graphs (read at every call)."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower()
     if value in ("", "auto", "1", "on", "true", "yes"):
-        return "on"
+        return True
     if value in ("0", "off", "false", "no"):
-        return "off"
-    if value == "emulate":
-        return "emulate"
-    raise ValueError(f"{ENV_VAR} must be one of auto, 1, 0, emulate; got {value!r}")
+        return False
+    raise ValueError(f"{ENV_VAR} must be one of auto, 1, 0; got {value!r}")
 
 
 def unavailable_reason(device: torch.device | str, backend: str) -> str | None:
     """Why the decode step cannot run as a CUDA graph here, or None when it can."""
-    mode = graph_mode()
-    if mode == "off":
+    if not graph_enabled():
         return f"disabled ({ENV_VAR}=0)"
-    if mode == "emulate":
-        return None
     if torch.device(device).type != "cuda":
         return "not a CUDA device"
     if backend != "triton":
@@ -141,14 +141,12 @@ def unavailable_reason(device: torch.device | str, backend: str) -> str | None:
 class DecodeGraph:
     """A captured decode step with the persistent decoder state it reads and writes.
 
-    ``decoder`` is a :class:`~fastgpt.generate.Decoder` whose KV cache, sampling state, EOS state
+    ``decoder`` is a :class:`~fastgpt.decoder.Decoder` whose KV cache, sampling state, EOS state
     and flags belong to this graph; ``tokens`` ``(B,)`` int64 is the step's input and output.
     Use :meth:`load` before each generation, :meth:`step` per token, :meth:`release` at the end.
     """
 
     def __init__(self, model, key: GraphKey) -> None:
-        from .generate import Decoder
-
         self.key = key
         # Normal (not inference-mode) tensors, so that in-place resets work inside and outside
         # torch.inference_mode(); nothing here needs autograd.
@@ -167,105 +165,84 @@ class DecodeGraph:
                 min_new_tokens=1 if key.ban_eos_early else 0,
             )
             self.tokens = torch.zeros(key.batch, dtype=torch.long, device=key.device)
-        self.decoder.graph = self
-        self._kv = (cache.k, cache.v)  # beam search's reorder_rows swaps buffers: see valid()
-        self._graph = None
+            _backend.allocate_workspaces(cache, sampling, model.config.vocab_size, key.backend)
+        self._kv = (cache.k, cache.v)
         self._replay = None
-        self.emulated = False
         self.capture_s: float | None = None
         self.just_captured = False
         self.in_use = False
 
     # ---- capture ------------------------------------------------------------------------------
-    def _park_at_last_slot(self) -> None:
+    def park_at_last_slot(self) -> None:
+        """Put the cache at its last slot: where the warm-up steps write (see the module docstring)."""
         cache = self.decoder.cache
         cache.pos = cache.max_len - 1
         cache.pos_tensor.fill_(cache.max_len - 1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def capture(self, n_warmup: int = N_WARMUP) -> None:
-        """Warm the step up eagerly, then capture it (or, in emulate mode, arm the eager replay)."""
+        """Warm the step up eagerly on a side stream, then capture it into a CUDA graph."""
         start = time.perf_counter()
         decoder = self.decoder
-        if graph_mode() == "emulate":
-            # The same warm-up as for a real capture (so load() must undo it), no streams.
-            for _ in range(n_warmup):
-                self._park_at_last_slot()
-                decoder.step(self.tokens)
-            self.emulated = True
-            self._replay = self._emulated_replay
-        else:
-            device = self.key.device
-            with torch.cuda.device(device):
-                ambient = torch.cuda.current_stream()
-                side = torch.cuda.Stream()
-                side.wait_stream(ambient)
-                with torch.cuda.stream(side):
-                    for _ in range(n_warmup):
-                        self._park_at_last_slot()  # the host pos must be > 0: the decode branch
-                        decoder.step(self.tokens)
-                ambient.wait_stream(side)
-                self._park_at_last_slot()
-                graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph, pool=_shared_pool(device)):
-                        chosen = decoder.step(self.tokens)
-                        self.tokens.copy_(chosen)  # the next replay's input
-                    del chosen  # a pool temporary: nothing keeps it between replays
-                finally:
-                    # torch.cuda.graph leaves its capture stream current when capture_end()
-                    # raises (an invalidated capture): restore the caller's stream.
-                    if torch.cuda.current_stream() != ambient:
-                        torch.cuda.set_stream(ambient)
-                torch.cuda.synchronize()
-            self._graph = graph
-            self._replay = graph.replay
+        with torch.cuda.device(self.key.device):
+            ambient = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(ambient)  # the workspaces were allocated and zeroed on `ambient`
+            with torch.cuda.stream(side):
+                for _ in range(n_warmup):
+                    self.park_at_last_slot()  # the host pos must be > 0: the decode branch
+                    decoder.step(self.tokens)
+            ambient.wait_stream(side)
+            self.park_at_last_slot()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=_shared_pool(self.key.device)):
+                    chosen = decoder.step(self.tokens)
+                    self.tokens.copy_(chosen)  # the next replay's input
+                del chosen  # a pool temporary: nothing keeps it between replays
+            finally:
+                # torch.cuda.graph leaves its capture stream current when capture_end()
+                # raises (an invalidated capture): restore the caller's stream.
+                if torch.cuda.current_stream() != ambient:
+                    torch.cuda.set_stream(ambient)
+            torch.cuda.synchronize()
+        self._replay = graph.replay
         self.capture_s = time.perf_counter() - start
-
-    def _emulated_replay(self) -> None:
-        cache = self.decoder.cache
-        pos = cache.pos
-        self.tokens.copy_(self.decoder.step(self.tokens))
-        cache.pos = pos  # like a real replay, leave the host position to step()
 
     # ---- per generation ---------------------------------------------------------------------------
     def valid(self) -> bool:
+        """False once beam search's ``reorder_rows`` swapped the cache buffers the graph reads."""
         cache = self.decoder.cache
         return cache.k is self._kv[0] and cache.v is self._kv[1]
 
-    @torch.inference_mode()
-    def load(self, *, sampling, row_start, eos, pad, min_new_tokens: int) -> None:
-        """Reset the persistent state in place for a new generation with these settings.
+    @torch.no_grad()
+    def load(self, settings, row_start: torch.Tensor | None) -> None:
+        """Reset the persistent state in place for a new generation.
 
         Parameters
         ----------
-        sampling : :class:`fastgpt.backend.SamplingState` of the call (its tensors are copied).
+        settings : the call's :class:`fastgpt.settings.GenerationSettings` (sampling settings and
+            seed, EOS and pad ids, min_new_tokens; the EOS count and ban as in the key).
         row_start : ``(B,)`` left-pad counts (any device), or None for no padding.
-        eos : ``(n_eos,)`` int64 EOS ids (n_eos as in the key), or None when the key has none.
-        pad : pad id, an int or a 0-d tensor.
-        min_new_tokens : EOS is banned before this many tokens (> 0 only when the key bans).
         """
         d = self.decoder
         cache = d.cache
         cache.reset()
         if row_start is not None:
             cache.set_row_start(row_start.to(device=cache.device, dtype=torch.int32))
+        fresh = _backend.SamplingState(self.key.batch, self.key.device, **settings.sampling_kwargs)
         s = d.sampling
         for name in ("temperature", "top_k", "top_p", "min_p", "seed"):
-            getattr(s, name).copy_(getattr(sampling, name))
+            getattr(s, name).copy_(getattr(fresh, name))
         s.step.zero_()
-        # Host-side fields the eager paths read (the torch backend in emulate mode).
-        s.all_greedy, s.seed_value, s.generator = sampling.all_greedy, sampling.seed_value, sampling.generator
+        s.status.zero_()
+        s.all_greedy, s.seed_value, s.generator = fresh.all_greedy, fresh.seed_value, fresh.generator
         d.finished.zero_()
         d.n_generated.zero_()
         if d.eos is not None:
-            d.eos.copy_(eos)
-        if isinstance(pad, torch.Tensor):
-            d.pad.copy_(pad)
-        else:
-            d.pad.fill_(pad)
-        d.min_new.fill_(min_new_tokens)
-        d.min_new_tokens = min_new_tokens
+            d.eos.copy_(torch.tensor(settings.eos_token_ids, dtype=torch.long))
+        d.pad.fill_(settings.pad_token_id)
+        d.min_new.fill_(settings.min_new_tokens)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One replay: ``(B,)`` last tokens -> ``(B,)`` next tokens (the graph's own buffer,
@@ -283,43 +260,14 @@ class DecodeGraph:
         self.in_use = False
 
     def close(self) -> None:
-        """Drop the graph and the state (breaks the decoder <-> graph reference cycle)."""
-        self.decoder.graph = None
-        self._graph = self._replay = None
-
-    @property
-    def state_bytes(self) -> int:
-        """Bytes of persistent state: KV cache, attention workspace, sampling and EOS tensors."""
-        d = self.decoder
-        tensors = [d.cache.k, d.cache.v, self.tokens, d.finished]
-        for value in d.cache.workspace.values():
-            if isinstance(value, dict):
-                tensors += [t for t in value.values() if isinstance(t, torch.Tensor)]
-            elif isinstance(value, torch.Tensor):
-                tensors.append(value)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        self._replay = None
 
 
 # --------------------------------------------------------------------------------------------
 # The per-model registry
 # --------------------------------------------------------------------------------------------
-class _ModelGraphs:
-    def __init__(self) -> None:
-        self.entries: OrderedDict[GraphKey, DecodeGraph] = OrderedDict()
-        self.failed: dict[GraphKey, str] = {}
-        self.signature: tuple[int, ...] | None = None
-
-    def clear(self) -> None:
-        for graph in self.entries.values():
-            graph.close()
-        self.entries.clear()
-        self.failed.clear()
-
-
-_REGISTRY: "weakref.WeakKeyDictionary[object, _ModelGraphs]" = weakref.WeakKeyDictionary()
 _POOLS: dict[int, object] = {}
 _WARNED: set[str] = set()
-_LAST_STATS: dict = {}
 
 
 def _shared_pool(device: torch.device):
@@ -353,149 +301,96 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _acquire(model, key: GraphKey) -> tuple[DecodeGraph | None, str | None]:
-    """The captured graph for ``key`` (capturing it on first use), marked in use; or (None, why)."""
-    graphs = _REGISTRY.get(model)
-    if graphs is None:
-        graphs = _REGISTRY[model] = _ModelGraphs()
-        weakref.finalize(model, graphs.clear)
-    signature = _param_signature(model)
-    if graphs.signature != signature:
-        graphs.clear()
-        graphs.signature = signature
-    if key in graphs.failed:
-        return None, f"CUDA graph capture failed earlier for this shape ({graphs.failed[key]})"
-    graph = graphs.entries.get(key)
-    if graph is not None and not graph.valid():
-        graphs.entries.pop(key).close()
-        graph = None
-    if graph is not None:
-        if graph.in_use:
-            return None, "the graph of this shape is in use (concurrent or re-entrant generate)"
-        graphs.entries.move_to_end(key)
-    else:
-        limit = _max_entries()
-        for old_key in [k for k, g in graphs.entries.items() if not g.in_use][: max(len(graphs.entries) - limit + 1, 0)]:
-            graphs.entries.pop(old_key).close()  # least recently used first
+class GraphCache:
+    """The captured graphs of one model: an LRU of :class:`DecodeGraph` by :class:`GraphKey`,
+    the shapes whose capture failed, and the weights' addresses they were captured with."""
+
+    _registry: "weakref.WeakKeyDictionary[object, GraphCache]" = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[GraphKey, DecodeGraph] = OrderedDict()
+        self.failed: dict[GraphKey, str] = {}
+        self.signature: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, model, create: bool = True) -> "GraphCache | None":
+        graphs = cls._registry.get(model)
+        if graphs is None and create:
+            graphs = cls._registry[model] = cls()
+            weakref.finalize(model, graphs.clear)
+        return graphs
+
+    def clear(self) -> None:
+        for graph in self.entries.values():
+            graph.close()
+        self.entries.clear()
+        self.failed.clear()
+
+    @classmethod
+    def graph_for(
+        cls, model, settings, batch: int, max_len: int, row_start: torch.Tensor | None
+    ) -> tuple[DecodeGraph | None, str | None]:
+        """The graph for this generation, loaded (:meth:`DecodeGraph.load`) and marked in use, or
+        ``(None, why it decodes eagerly)``."""
+        backend = _backend.resolve_backend(model.device)
+        reason = unavailable_reason(model.device, backend)
+        if reason is not None:
+            return None, reason
+        n_eos = len(settings.eos_token_ids or ())
+        key = GraphKey(batch, max_len, model.dtype, model.device, backend, n_eos, n_eos > 0 and settings.min_new_tokens > 0)
+        graph, reason = cls.acquire(model, key)
+        if graph is None:
+            return None, reason
         try:
-            graph = DecodeGraph(model, key)
-            graph.capture()
-        except Exception as exc:  # any failure: decode eagerly, say so once
-            why = f"{type(exc).__name__}: {exc}"[:500]
-            graphs.failed[key] = why
-            if graph is not None:
-                graph.close()
+            graph.load(settings, row_start)
+        except BaseException:
+            graph.release()
+            raise
+        return graph, None
+
+    @classmethod
+    def acquire(cls, model, key: GraphKey) -> tuple[DecodeGraph | None, str | None]:
+        """The captured graph for ``key`` (capturing it on first use), marked in use; or (None, why)."""
+        graphs = cls.of(model)
+        signature = _param_signature(model)
+        if graphs.signature != signature:
+            graphs.clear()
+            graphs.signature = signature
+        if key in graphs.failed:
+            return None, f"CUDA graph capture failed earlier for this shape ({graphs.failed[key]})"
+        graph = graphs.entries.get(key)
+        if graph is not None and not graph.valid():
+            graphs.entries.pop(key).close()
             graph = None
-            _warn_once(f"fastgpt: capturing the decode step as a CUDA graph failed ({why}); decoding eagerly")
-            return None, f"CUDA graph capture failed ({why})"
-        graphs.entries[key] = graph
-        graph.just_captured = True
-    graph.in_use = True
-    return graph, None
+        if graph is not None:
+            if graph.in_use:
+                return None, "the graph of this shape is in use (concurrent or re-entrant generate)"
+            graphs.entries.move_to_end(key)
+        else:
+            graphs.evict(_max_entries() - 1)
+            try:
+                graph = DecodeGraph(model, key)
+                graph.capture()
+            except Exception as exc:  # any failure: decode eagerly, say so once
+                why = f"{type(exc).__name__}: {exc}"[:500]
+                graphs.failed[key] = why
+                _warn_once(f"fastgpt: capturing the decode step as a CUDA graph failed ({why}); decoding eagerly")
+                return None, f"CUDA graph capture failed ({why})"
+            graphs.entries[key] = graph
+            graph.just_captured = True
+        graph.in_use = True
+        return graph, None
 
-
-def persistent_decoder(
-    model,
-    batch: int,
-    max_len: int,
-    *,
-    sampling,
-    row_start: torch.Tensor | None,
-    eos_token_ids,
-    pad_token_id: int,
-    min_new_tokens: int,
-):
-    """The graph-owned :class:`~fastgpt.generate.Decoder` for this shape, loaded with these
-    settings and marked in use (the decode loop releases it), or None (decode eagerly).
-
-    ``sampling`` is the call's :class:`fastgpt.backend.SamplingState` (copied in).
-    """
-    backend = _backend.resolve_backend(model.device)
-    if unavailable_reason(model.device, backend) is not None or max_len < 2:
-        return None
-    n_eos = len(eos_token_ids) if eos_token_ids else 0
-    key = GraphKey(batch, max_len, model.dtype, model.device, backend, n_eos, n_eos > 0 and min_new_tokens > 0)
-    graph, _ = _acquire(model, key)
-    if graph is None:
-        return None
-    try:
-        eos = None if n_eos == 0 else torch.tensor(list(eos_token_ids), dtype=torch.long, device=model.device)
-        graph.load(sampling=sampling, row_start=row_start, eos=eos, pad=pad_token_id, min_new_tokens=min_new_tokens)
-    except BaseException:
-        graph.release()
-        raise
-    return graph.decoder
-
-
-def bind(decoder) -> tuple[DecodeGraph | None, str | None]:
-    """Move a fresh (not yet prefilled) decoder's generation onto the captured graph of its shape.
-
-    Returns ``(graph, None)`` with the graph's state loaded from ``decoder`` and marked in use,
-    or ``(None, reason)`` when the generation must run eagerly on ``decoder`` itself.
-    """
-    if decoder.graph is not None:
-        return decoder.graph, None
-    cache = decoder.cache
-    reason = unavailable_reason(cache.device, decoder.backend)
-    if reason is not None:
-        return None, reason
-    if decoder.processors is not None:
-        return None, "logits processors hold per-call state"
-    if cache.pos != 0:
-        return None, "the decoder's cache is already in use"
-    n_eos = 0 if decoder.eos is None else decoder.eos.numel()
-    key = GraphKey(cache.batch, cache.max_len, cache.dtype, cache.device, decoder.backend, n_eos, decoder.ban_eos_early)
-    graph, reason = _acquire(decoder.model, key)
-    if graph is None:
-        return None, reason
-    try:
-        graph.load(
-            sampling=decoder.sampling,
-            row_start=cache.row_start if cache.has_padding else None,
-            eos=decoder.eos,
-            pad=decoder.pad,
-            min_new_tokens=decoder.min_new_tokens,
-        )
-    except BaseException:
-        graph.release()
-        raise
-    return graph, None
-
-
-# --------------------------------------------------------------------------------------------
-# Introspection
-# --------------------------------------------------------------------------------------------
-def begin_generate_stats(graph: DecodeGraph | None, reason: str | None) -> dict:
-    """Start the record of one generate() call (the decode loop fills in ``decode_steps``)."""
-    captured = graph is not None and graph.just_captured
-    _LAST_STATS.clear()
-    _LAST_STATS.update(
-        path="graph" if graph is not None else "eager",
-        emulated=bool(graph is not None and graph.emulated),
-        captured=captured,
-        capture_s=graph.capture_s if captured else 0.0,
-        reason=reason,
-        key=graph.key if graph is not None else None,
-        decode_steps=0,
-    )
-    if graph is not None:
-        graph.just_captured = False
-    return _LAST_STATS
-
-
-def last_generate_stats() -> dict:
-    """What the last generate() (its decode loop) did.
-
-    Keys: ``path`` ("graph" or "eager"), ``emulated``, ``captured`` (this call captured the
-    graph), ``capture_s`` (seconds spent warming up and capturing, 0 when reused), ``reason`` (why
-    eager, or None), ``key`` (the :class:`GraphKey`), ``decode_steps``.
-    """
-    return dict(_LAST_STATS)
+    def evict(self, keep: int) -> None:
+        """Close the least recently used idle graphs until at most ``keep`` remain."""
+        idle = [k for k, g in self.entries.items() if not g.in_use]
+        for old_key in idle[: max(len(self.entries) - keep, 0)]:
+            self.entries.pop(old_key).close()
 
 
 def cached_graphs(model) -> list[GraphKey]:
     """The keys of the graphs cached for ``model``, least recently used first."""
-    graphs = _REGISTRY.get(model)
+    graphs = GraphCache.of(model, create=False)
     return [] if graphs is None else list(graphs.entries)
 
 
@@ -503,10 +398,10 @@ def clear_graph_cache(model=None) -> None:
     """Free the captured graphs and their state (of ``model``, or of every model), forget
     failed captures and the warnings already shown."""
     if model is None:
-        for graphs in list(_REGISTRY.values()):
+        for graphs in list(GraphCache._registry.values()):
             graphs.clear()
         _WARNED.clear()
     else:
-        graphs = _REGISTRY.get(model)
+        graphs = GraphCache.of(model, create=False)
         if graphs is not None:
             graphs.clear()

@@ -28,8 +28,10 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        if batch < 1 or max_len < 1:
-            raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        for name, value in (("n_layer", n_layer), ("batch", batch), ("n_head", n_head), ("max_len", max_len),
+                            ("head_dim", head_dim)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"KVCache {name} must be >= 1, got {value}")
         device = torch.device(device)
         shape = (n_layer, batch, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)

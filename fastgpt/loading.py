@@ -1,23 +1,24 @@
-"""Loading GPT-2 weights: from a transformers model, a local directory, or the local HF cache.
+"""Reading GPT-2 weights: from a transformers model, a local directory, or the local HF cache.
 
-Never touches the network. Hugging Face GPT-2 checkpoints name tensors ``transformer.h.0.attn.c_attn.weight``
-and store the four projection weights (``c_attn``, ``attn.c_proj``, ``c_fc``, ``mlp.c_proj``) as
-Conv1D, i.e. transposed relative to ``nn.Linear``; both are handled here.
+Never touches the network, and never imports the model (``fastgpt.model`` imports this module;
+it builds the GPT from what is read here). Hugging Face GPT-2 checkpoints name tensors
+``transformer.h.0.attn.c_attn.weight`` and store the four projection weights (``c_attn``,
+``attn.c_proj``, ``c_fc``, ``mlp.c_proj``) as Conv1D, i.e. transposed relative to ``nn.Linear``;
+:func:`convert_hf_state_dict` maps both. Every error about a file names the file and what is
+wrong with it (a ``ValueError``, or ``FileNotFoundError`` for what is missing).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from .config import GPTConfig
-
-if TYPE_CHECKING:
-    from .model import GPT
 
 _DTYPES = {
     "float32": torch.float32,
@@ -30,6 +31,10 @@ _DTYPES = {
 }
 #: Weights stored as Conv1D (in, out) in HF checkpoints: transposed into nn.Linear (out, in).
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+#: Weight files in the order they are preferred.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+#: A Hugging Face hub name: "gpt2" or "owner/name", nothing path-like.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -42,15 +47,15 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype!r}")
 
 
-def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def convert_hf_state_dict(
+    hf_state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], config: GPTConfig
+) -> dict[str, torch.Tensor]:
     """Map a GPT2LMHeadModel state dict onto fastgpt's names, transposing Conv1D weights.
 
-    Raises ValueError naming the tensor when a weight is missing or its shape does not fit ``config``.
+    ``expected`` is the fastgpt model's own state dict (meta tensors do: only names and shapes
+    are read). Raises ValueError naming the tensor when a weight is missing or its shape does not
+    fit ``config``.
     """
-    from .model import GPT
-
-    with torch.device("meta"):
-        expected = GPT(config).state_dict()
     out = {}
     for name, want in expected.items():
         hf_name = name if name.startswith("lm_head") else f"transformer.{name}"
@@ -69,23 +74,18 @@ def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPTConfig) 
     return out
 
 
-def _build(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device) -> "GPT":
-    from .model import GPT
+def hf_model_weights(hf_model) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The config and a detached copy of the weights of a ``transformers.GPT2LMHeadModel``.
 
-    with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict(convert_hf_state_dict(state, config), assign=True, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def model_from_hf(hf_model, *, dtype: torch.dtype | str | None = None, device=None) -> "GPT":
-    """A fastgpt GPT with the weights of a ``transformers.GPT2LMHeadModel`` (copied once)."""
+    An LM head that no longer shares the token embedding (``hf.lm_head.weight = Parameter(...)``
+    with ``tie_word_embeddings`` still True) counts as untied: HF computes with that head.
+    """
     config = GPTConfig.from_hf(hf_model.config)
-    first = next(hf_model.parameters())
-    dtype = resolve_dtype(dtype) if dtype is not None else first.dtype
-    device = torch.device(device) if device is not None else first.device
+    head, embedding = hf_model.get_output_embeddings().weight, hf_model.get_input_embeddings().weight
+    if config.tie_word_embeddings and head is not embedding:
+        config = replace(config, tie_word_embeddings=False)
     state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
-    return _build(config, state, resolve_dtype(dtype), device)
+    return config, state
 
 
 def hf_cache_dirs() -> list[Path]:
@@ -99,70 +99,103 @@ def hf_cache_dirs() -> list[Path]:
     return dirs
 
 
+def looks_like_hub_name(name_or_path: str) -> bool:
+    """True for ``"gpt2"`` / ``"owner/name"``; False for anything path-like (``/x``, ``./x``, ``a/b/c``)."""
+    return _HUB_NAME.fullmatch(name_or_path) is not None and ".." not in name_or_path
+
+
 def find_checkpoint(name_or_path: str) -> Path:
-    """The directory holding ``config.json`` and the weights for a path or a hub name (local only)."""
-    looked = []
+    """The directory holding ``config.json`` and the weights for a path or a hub name (local only).
+
+    A path-like argument (absolute, ``./``, ``~``, more than one ``/``) is only looked for as a
+    directory; a hub name (``gpt2``, ``owner/name``) as a directory, then in the HF cache.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
             return path
-        looked.append(str(path))
-    else:
-        looked.append(str(path))
+        raise FileNotFoundError(
+            f"{path} is a directory but has no config.json; pass a directory written by transformers' "
+            "save_pretrained (config.json + model.safetensors)"
+        )
+    if not looks_like_hub_name(name_or_path):
+        raise FileNotFoundError(
+            f"no such directory: {path}. Pass a directory written by transformers' save_pretrained "
+            "(config.json + model.safetensors), or use random weights: GPT.from_config('gpt2') / the CLI's --random-init."
+        )
+    looked = []
     repo_dir_name = "models--" + name_or_path.replace("/", "--")
     for cache in hf_cache_dirs():
         snapshots = cache / repo_dir_name / "snapshots"
         looked.append(str(snapshots))
         if snapshots.is_dir():
             for snap in sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
-                if (snap / "config.json").is_file() and _weight_file(snap) is not None:
+                if (snap / "config.json").is_file() and weight_file(snap) is not None:
                     return snap
     raise FileNotFoundError(
-        f"no weights for {name_or_path!r} on disk (fastgpt never downloads). Looked in: {', '.join(looked)}. "
-        "Pass a directory holding config.json and model.safetensors (sharded or not, or pytorch_model.bin), e.g. one written by "
-        "transformers' save_pretrained, or use random weights: GPT.from_config('gpt2') / the CLI's --random-init."
+        f"no weights for {name_or_path!r} on disk (fastgpt never downloads): no directory of that name, "
+        f"and no cached snapshot in {', '.join(looked)}. Pass a directory holding config.json and model.safetensors "
+        "(sharded or not, or pytorch_model.bin), e.g. one written by transformers' save_pretrained, or use random "
+        "weights: GPT.from_config('gpt2') / the CLI's --random-init."
     )
 
 
-def _weight_file(directory: Path) -> Path | None:
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+def weight_file(directory: Path) -> Path | None:
+    """The checkpoint's weight file (or shard index), safetensors first; None when there is none."""
+    for name in _WEIGHT_FILES:
         if (directory / name).is_file():
             return directory / name
     return None
 
 
-def load_pretrained(name_or_path: str, *, dtype: torch.dtype | str = torch.float32, device="cpu") -> "GPT":
-    """Load a GPT-2 checkpoint from a local directory or the local HF cache (safetensors first)."""
-    dtype = resolve_dtype(dtype)
-    directory = find_checkpoint(name_or_path)
-    weights = _weight_file(directory)
-    if weights is None:
-        raise FileNotFoundError(f"{directory} has config.json but neither model.safetensors nor pytorch_model.bin")
-    hf_config = json.loads((directory / "config.json").read_text())
-    model_type = hf_config.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise ValueError(f"{directory} holds a {model_type!r} model; fastgpt loads GPT-2 checkpoints (model_type 'gpt2')")
-    config = GPTConfig(
-        vocab_size=hf_config["vocab_size"],
-        n_positions=hf_config.get("n_positions", 1024),
-        n_embd=hf_config["n_embd"],
-        n_head=hf_config["n_head"],
-        n_layer=hf_config["n_layer"],
-        layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5),
-        activation=hf_config.get("activation_function", "gelu_new"),
-        tie_word_embeddings=hf_config.get("tie_word_embeddings", True),
-    )
-    if weights.name.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def read_config(path: Path) -> GPTConfig:
+    """The GPTConfig of a ``config.json``; ValueError naming the file when it cannot be used."""
+    try:
+        hf_config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(hf_config).__name__}")
+    try:
+        return GPTConfig.from_hf(hf_config)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
-        state = load_file(str(weights))
-    elif weights.name.endswith(".index.json"):
-        from safetensors.torch import load_file
 
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file; ValueError naming the file when it cannot be read."""
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors' SafetensorError, pickle and zip errors: all mean "unreadable"
+        kind = "safetensors" if path.name.endswith(".safetensors") else "PyTorch"
+        raise ValueError(f"{path} is not a readable {kind} weight file ({type(exc).__name__}: {exc})") from None
+
+
+def read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: one file, or the shards a ``*.index.json`` lists."""
+    if not weights.name.endswith(".index.json"):
+        return _read_tensors(weights)
+    try:
         shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(str(directory / shard)))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    return _build(config, state, dtype, device)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{weights} is not a shard index with a weight_map ({type(exc).__name__}: {exc})") from None
+    state = {}
+    for shard in shards:
+        shard_path = weights.parent / shard
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"{weights} lists the shard {shard}, which is not in {weights.parent}")
+        state.update(_read_tensors(shard_path))
+    return state
+
+
+def read_checkpoint(name_or_path: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The config and the (HF-named) tensors of a local checkpoint directory or HF cache entry."""
+    directory = find_checkpoint(name_or_path)
+    weights = weight_file(directory)
+    if weights is None:
+        raise FileNotFoundError(f"{directory} has config.json but none of {', '.join(_WEIGHT_FILES)}")
+    return read_config(directory / "config.json"), read_weights(weights)

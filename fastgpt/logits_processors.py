@@ -4,12 +4,11 @@ Each processor reproduces one ``transformers`` processor exactly (same values, s
 search pick the same tokens and ``output_scores`` match):
 
 * :class:`RepetitionPenalty` -- ``RepetitionPenaltyLogitsProcessor``: for every token id already in
-  the row (prompt included, pad tokens of a left-padded prompt included, as HF does),
-  ``s -> s * penalty`` where ``s < 0`` and ``s -> s / penalty`` otherwise.
+  the row (prompt included), ``s -> s * penalty`` where ``s < 0`` and ``s -> s / penalty``
+  otherwise. The pad slots of a left-padded prompt are not tokens of the row and are not
+  penalised (newer transformers; 5.17 penalises them: pass no ``row_start`` to get that).
 * :class:`NoRepeatNGram` -- ``NoRepeatNGramLogitsProcessor``: a token that would complete an
   ``n``-gram already present in the row gets ``-inf``.
-* :class:`MinNewTokens` -- ``MinNewTokensLengthLogitsProcessor`` / ``MinLengthLogitsProcessor``:
-  EOS ids get ``-inf`` while fewer than ``min_new_tokens`` tokens were generated.
 * :class:`ScoresRecorder` -- not a processor: keeps a copy of the processed scores of every step
   (``output_scores``), optionally passed through the sampling warpers first.
 
@@ -17,8 +16,9 @@ Where HF rebuilds its state from the whole ``input_ids`` every step, these keep 
 a ``(R, V)`` "seen" mask, a ``(R, L_max)`` token history and a device step counter, all
 preallocated by :meth:`start`. Every processor has the same four methods:
 
-``start(input_ids, max_len, vocab_size)``
-    ``(R, T)`` prompt rows (``R`` = batch, or batch * num_beams), ``max_len`` = T + max_new_tokens.
+``start(input_ids, max_len, vocab_size, row_start=None)``
+    ``(R, T)`` prompt rows (``R`` = batch, or batch * num_beams), ``max_len`` = T + max_new_tokens,
+    ``row_start`` ``(R,)`` the left-pad slots of each row to leave out, or None.
 ``__call__(scores) -> scores``
     ``(R, V)`` float32 scores of the next token; may modify ``scores`` in place and return it.
 ``update(tokens)``
@@ -32,18 +32,21 @@ tensors of fixed shape, no Python-side state that changes per step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
+
+from . import reference
 
 __all__ = [
     "LogitsProcessor",
     "ProcessorList",
     "RepetitionPenalty",
     "NoRepeatNGram",
-    "MinNewTokens",
     "ScoresRecorder",
     "build_processors",
+    "processors_for",
     "recorded_scores",
 ]
 
@@ -53,7 +56,9 @@ class LogitsProcessor:
 
     graph_safe = True
 
-    def start(self, input_ids: torch.Tensor, max_len: int, vocab_size: int) -> None:  # noqa: B027 - optional hook
+    def start(  # noqa: B027 - optional hook
+        self, input_ids: torch.Tensor, max_len: int, vocab_size: int, row_start: torch.Tensor | None = None
+    ) -> None:
         pass
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
@@ -80,11 +85,20 @@ class RepetitionPenalty(LogitsProcessor):
         self.penalty = float(penalty)
         self.seen: torch.Tensor | None = None
 
-    def start(self, input_ids: torch.Tensor, max_len: int, vocab_size: int) -> None:
+    def start(
+        self, input_ids: torch.Tensor, max_len: int, vocab_size: int, row_start: torch.Tensor | None = None
+    ) -> None:
         # (R, V) bool: token v occurs in row r. Duplicates in the prompt are one entry, as HF's
-        # gather/scatter (which writes the same penalised value for each duplicate).
-        self.seen = torch.zeros((input_ids.shape[0], vocab_size), dtype=torch.bool, device=input_ids.device)
-        self.seen.scatter_(1, input_ids, True)
+        # gather/scatter (which writes the same penalised value for each duplicate). Pad slots
+        # (before row_start) point at a spare column V, dropped afterwards.
+        R, T = input_ids.shape
+        ids = input_ids
+        if row_start is not None:
+            is_pad = torch.arange(T, device=ids.device)[None, :] < row_start.to(ids.device)[:, None]  # (R, T)
+            ids = ids.masked_fill(is_pad, vocab_size)
+        seen = torch.zeros((R, vocab_size + 1), dtype=torch.bool, device=ids.device)
+        seen.scatter_(1, ids, True)
+        self.seen = seen[:, :vocab_size].contiguous()
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         # HF: where(score < 0, score * penalty, score / penalty) on the gathered seen tokens.
@@ -113,7 +127,10 @@ class NoRepeatNGram(LogitsProcessor):
         self.history: torch.Tensor | None = None
         self.length: torch.Tensor | None = None
 
-    def start(self, input_ids: torch.Tensor, max_len: int, vocab_size: int) -> None:
+    def start(
+        self, input_ids: torch.Tensor, max_len: int, vocab_size: int, row_start: torch.Tensor | None = None
+    ) -> None:
+        # HF's n-gram ban sees the pad tokens of a left-padded prompt as tokens: so does this.
         R, T = input_ids.shape
         device = input_ids.device
         self.history = torch.zeros((R, max_len), dtype=torch.long, device=device)
@@ -155,33 +172,6 @@ class NoRepeatNGram(LogitsProcessor):
         self.history.copy_(self.history.index_select(0, rows))
 
 
-class MinNewTokens(LogitsProcessor):
-    """HF ``min_new_tokens`` (and ``min_length``): EOS ids get ``-inf`` until ``min_new_tokens``
-    tokens were generated. The step count is a device tensor (no host step index)."""
-
-    def __init__(self, min_new_tokens: int, eos_token_ids: Sequence[int]) -> None:
-        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
-        self.min_new_tokens = min_new_tokens
-        self.eos_ids = list(eos_token_ids)
-        self.n_generated: torch.Tensor | None = None
-
-    def start(self, input_ids: torch.Tensor, max_len: int, vocab_size: int) -> None:
-        device = input_ids.device
-        # (V,) bool: HF's `isin(arange(V), eos)` mask, built once.
-        self.is_eos = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        self.is_eos[torch.tensor(self.eos_ids, dtype=torch.long, device=device)] = True
-        self.n_generated = torch.zeros(1, dtype=torch.int64, device=device)
-
-    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        # (V,) & (1,) -> (V,), broadcast over the rows: a pure device-side select, no indexing.
-        ban = self.is_eos & (self.n_generated < self.min_new_tokens)
-        return scores.masked_fill(ban, float("-inf"))
-
-    def update(self, tokens: torch.Tensor) -> None:
-        self.n_generated += 1
-
-
 class ScoresRecorder(LogitsProcessor):
     """Keeps ``warp(scores).clone()`` of every step in :attr:`scores` (HF's ``output_scores``).
 
@@ -213,11 +203,11 @@ class ProcessorList(list):
     def graph_safe(self) -> bool:
         return all(p.graph_safe for p in self)
 
-    def start(self, input_ids: torch.Tensor, max_len: int) -> None:
+    def start(self, input_ids: torch.Tensor, max_len: int, row_start: torch.Tensor | None = None) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be 2-D (rows, seq_len), got shape {tuple(input_ids.shape)}")
         for p in self:
-            p.start(input_ids, max_len, self.vocab_size)
+            p.start(input_ids, max_len, self.vocab_size, row_start)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         for p in self:
@@ -238,28 +228,49 @@ def build_processors(
     vocab_size: int,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
-    min_new_tokens: int = 0,
-    eos_token_ids: Sequence[int] | None = None,
     record_scores: bool = False,
     warp: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ProcessorList | None:
     """The processors HF would build for these settings, in HF's order, or None when there are none.
 
-    HF's order: repetition penalty, no-repeat n-gram, min length / min new tokens; the scores
-    recorder (``record_scores``) comes last so it sees the fully processed scores.
+    HF's order: repetition penalty, no-repeat n-gram (HF's min-length ban comes next: the
+    :class:`fastgpt.decoder.Decoder` applies it, before these; the result is the same since a
+    banned ``-inf`` stays ``-inf``); the scores recorder (``record_scores``) comes last.
     """
     procs: list[LogitsProcessor] = []
     if repetition_penalty != 1.0:
         procs.append(RepetitionPenalty(repetition_penalty))
     if no_repeat_ngram_size > 0:
         procs.append(NoRepeatNGram(no_repeat_ngram_size))
-    if min_new_tokens > 0 and eos_token_ids:
-        procs.append(MinNewTokens(min_new_tokens, eos_token_ids))
     if record_scores:
         procs.append(ScoresRecorder(warp))
     if not procs:
         return None
     return ProcessorList(procs, vocab_size=vocab_size)
+
+
+def processors_for(settings, vocab_size: int, input_ids: torch.Tensor, row_start: torch.Tensor | None):
+    """The started processors a generation with these :class:`~fastgpt.settings.GenerationSettings`
+    needs, for its ``(R, T)`` prompt rows and their ``(R,)`` left-pad counts; None when none.
+
+    Sampling scores are recorded after HF's warpers (temperature, top-k, top-p, min-p), as HF
+    reports them; the repetition penalty leaves pad slots out unless ``settings.penalize_pad``.
+    """
+    warp = None
+    if settings.output_scores and not settings.greedy:
+        warp = functools.partial(reference.filter_logits, temperature=settings.temperature, top_k=settings.top_k,
+                                 top_p=settings.top_p, min_p=settings.min_p)  # fmt: skip
+    processors = build_processors(
+        vocab_size=vocab_size,
+        repetition_penalty=settings.repetition_penalty,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        record_scores=settings.output_scores,
+        warp=warp,
+    )
+    if processors is not None:
+        processors.start(input_ids, input_ids.shape[1] + settings.max_new_tokens,
+                         row_start=None if settings.penalize_pad else row_start)  # fmt: skip
+    return processors
 
 
 def recorded_scores(processors: ProcessorList | None) -> list[torch.Tensor] | None:

@@ -1,16 +1,17 @@
-"""The GPT-2 model: embeddings, pre-LN blocks with a fused QKV projection, a tied LM head.
+"""The GPT-2 model: embeddings, pre-LN blocks with a fused QKV projection, an LM head.
 
 Module names follow Hugging Face's GPT-2 (``wte``, ``wpe``, ``h.{i}.ln_1``, ``attn.c_attn``,
-``attn.c_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``, ``ln_f``) without the ``transformer.``
-prefix, so loading is a key-for-key copy (see ``fastgpt.loading``). Linear layers are
-``nn.Linear``: HF's Conv1D stores the transpose.
+``attn.c_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``, ``ln_f``, ``lm_head`` when untied) without
+the ``transformer.`` prefix, so loading is a key-for-key copy (see ``fastgpt.loading``). Linear
+layers are ``nn.Linear``: HF's Conv1D stores the transpose.
 
 Attention, the projections and the LayerNorms go through ``fastgpt.backend`` (``attention``,
-``ln_linear``, ``residual_linear``), the boundary where the Triton kernels replace the PyTorch
-reference. The residual stream travels as ``(x, delta)``: ``delta`` is an update not yet added
-(the position embedding, or a projection that ran on cuBLAS), added by the next LayerNorm. With
-the Triton backend at decode sizes a layer is 4 launches + attention: LN1 + QKV + bias, out-proj
-+ bias + residual, LN2 + FC + bias + GELU, proj + bias + residual (see ``kernels/linear.py``).
+``attention_residual_linear``, ``ln_linear``, ``residual_linear``), the boundary where the Triton
+kernels replace the PyTorch reference. The residual stream travels as ``(x, delta)``: ``delta`` is
+an update not yet added (the position embedding, or a projection that ran on cuBLAS), added by the
+next LayerNorm. With the Triton backend a decode step's layer is 5 launches: LN1 + QKV + bias,
+attention (split partials only), out-proj + split combine + bias + residual, LN2 + FC + bias +
+GELU, proj + bias + residual (see ``kernels/linear.py``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import backend as _backend
 from .config import ACTIVATIONS, GPTConfig
 from .kv_cache import KVCache
+from .loading import convert_hf_state_dict, hf_model_weights, read_checkpoint, resolve_dtype
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,17 +34,23 @@ class CausalSelfAttention(nn.Module):
         self.layer_index = layer_index
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        # The attention ops scale q . k by 1/sqrt(head_dim); a config with another scale
+        # (scale_attn_weights=False, scale_attn_by_inverse_layer_idx) pre-multiplies q by the ratio.
+        self.query_factor = config.query_prescale(layer_index)
 
-    def forward(self, x: torch.Tensor, cache: KVCache, backend: str) -> torch.Tensor:
-        """``x``: (B, T, C) LayerNorm-ed input -> (B, T, C) output projection (plain module use)."""
-        return self.c_proj(self.attend(self.c_attn(x), cache, backend))
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``qkv``: (B, T, 3C) fused projection -> q, k, v (B, T, H, D), q pre-scaled if the config says so."""
+        B, T, C3 = qkv.shape
+        # (B, T, 3C) -> 3 x (B, T, H, D): strided views, no copy; the kernels take the strides.
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        if self.query_factor != 1.0:
+            q = q * self.query_factor  # (B, T, H, D); one extra launch, only for such configs
+        return q, k, v
 
     def attend(self, qkv: torch.Tensor, cache: KVCache, backend: str) -> torch.Tensor:
         """``qkv``: (B, T, 3C) fused projection -> (B, T, C) attention output, before ``c_proj``."""
         B, T, C3 = qkv.shape
-        # (B, T, 3C) -> 3 x (B, T, H, D): strided views, no copy; the kernels take the strides.
-        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        y = _backend.attention(q, k, v, cache, self.layer_index, backend)  # (B, T, H, D)
+        y = _backend.attention(*self.split_heads(qkv), cache, self.layer_index, backend)  # (B, T, H, D)
         return y.reshape(B, T, C3 // 3)  # (B, T, H, D) -> (B, T, C)
 
     def attend_project(
@@ -51,22 +58,17 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x + c_proj(attend(qkv))`` as the stream ``(x, delta)``; in a Triton decode step the
         attention's split combine happens inside the projection's launch (backend docs)."""
-        B, T, C3 = qkv.shape
-        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # 3 x (B, T, H, D) views
+        q, k, v = self.split_heads(qkv)
         return _backend.attention_residual_linear(q, k, v, cache, self.layer_index, self.c_proj, x, backend)
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.approximate = ACTIVATIONS[config.activation]
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
         #: The activation's name for the fused kernels (fastgpt.reference.LINEAR_ACTIVATIONS).
-        self.activation = {"tanh": "gelu_tanh", "none": "gelu"}[self.approximate]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        self.activation = ACTIVATIONS[config.activation]
 
 
 class Block(nn.Module):
@@ -108,6 +110,8 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        # Tied (GPT-2): the LM head IS the token-embedding matrix; untied: a weight of its own.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -121,8 +125,6 @@ class GPT(nn.Module):
     ) -> "GPT":
         """A model with GPT-2's random initialisation (N(0, 0.02), residual projections scaled by
         1/sqrt(2 n_layer)); ``config`` may be a preset name."""
-        from .loading import resolve_dtype
-
         if isinstance(config, str):
             config = GPTConfig.from_preset(config)
         dtype = resolve_dtype(dtype)
@@ -148,17 +150,36 @@ class GPT(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model, *, dtype: torch.dtype | str | None = None, device=None) -> "GPT":
-        """From a ``transformers.GPT2LMHeadModel`` instance (weights copied, Conv1D transposed)."""
-        from .loading import model_from_hf
+        """From a ``transformers.GPT2LMHeadModel`` instance (weights copied, Conv1D transposed).
 
-        return model_from_hf(hf_model, dtype=dtype, device=device)
+        ``dtype`` / ``device`` default to the HF model's. Raises ValueError naming any config
+        setting fastgpt cannot run (:func:`fastgpt.config.unsupported_hf_config`).
+        """
+        config, state = hf_model_weights(hf_model)
+        first = next(hf_model.parameters())
+        dtype = resolve_dtype(dtype) if dtype is not None else first.dtype
+        device = torch.device(device) if device is not None else first.device
+        return cls._from_hf_state(config, state, dtype=dtype, device=device)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | str = torch.float32, device="cpu") -> "GPT":
-        """From a local directory or the local Hugging Face cache; never the network."""
-        from .loading import load_pretrained
+        """From a local directory or the local Hugging Face cache (safetensors first); never the network.
 
-        return load_pretrained(name_or_path, dtype=dtype, device=device)
+        Raises FileNotFoundError when there is no such checkpoint, ValueError naming the file when
+        one is unreadable or describes a model fastgpt cannot run.
+        """
+        dtype = resolve_dtype(dtype)
+        config, state = read_checkpoint(name_or_path)
+        return cls._from_hf_state(config, state, dtype=dtype, device=device)
+
+    @classmethod
+    def _from_hf_state(cls, config: GPTConfig, hf_state: dict, *, dtype: torch.dtype, device) -> "GPT":
+        """A model of ``config`` holding the HF-named tensors ``hf_state`` (built on the meta device:
+        the weights are assigned, never initialised first)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(convert_hf_state_dict(hf_state, model.state_dict(), config), assign=True, strict=True)
+        return model.to(device=device, dtype=dtype).eval()
 
     # ---- forward -------------------------------------------------------------------------
     @property
@@ -204,14 +225,10 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C) strided views; the kernels take the row stride
             delta = None if delta is None else delta[:, -1:]
-        # ln_f fused into the LM head's GEMV (the tied token embedding, no bias).
-        logits, _ = _backend.ln_linear(x, delta, self.ln_f, self.wte, backend, op="lm_head")
+        # ln_f fused into the LM head's GEMV (no bias; the token embedding when tied).
+        head = self.wte if self.lm_head is None else self.lm_head
+        logits, _ = _backend.ln_linear(x, delta, self.ln_f, head, backend, op="lm_head")
         return logits
-
-    def embed(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Token + position embeddings; positions count from each row's first real token."""
-        tok, pos = self.embed_parts(input_ids, cache)
-        return tok + pos
 
     def embed_parts(self, input_ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """``(token embeddings, position embeddings)``, each (B, T, C), not yet added."""
@@ -221,13 +238,9 @@ class GPT(nn.Module):
         positions = (slots[None, :] - cache.row_start[:, None]).clamp_(min=0)
         return self.wte(input_ids), self.wpe(positions)
 
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        # The LM head IS the token-embedding matrix (tied).
-        return F.linear(x, self.wte.weight)
-
     # ---- generation ----------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Hugging Face-compatible generation; see :func:`fastgpt.generate.generate`."""
-        from .generate import generate
+        """Hugging Face-compatible generation; see :func:`fastgpt.generation.generate`."""
+        import fastgpt  # the package's exported function (imported late: generation imports this module)
 
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+        return fastgpt.generate(self, input_ids, max_new_tokens, **kwargs)

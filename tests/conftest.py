@@ -2,7 +2,9 @@
 
 Without a GPU the Triton kernels run in the Triton interpreter, which ``triton.jit`` reads when a
 kernel module is imported: set it here, before any test imports ``kernels``.
-Tests marked ``cuda`` are skipped cleanly when no GPU is present.
+
+Tests marked ``cuda`` are deselected when no GPU is present and summarised in ONE line at the
+end, so that ``-rs`` lists only the skips worth reading.
 """
 
 import os
@@ -10,24 +12,31 @@ import os
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
+from tests.helpers import HAS_CUDA
+
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_cuda_only: list[str] = []
 
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    kept = [item for item in items if "cuda" not in item.keywords]
+    dropped = [item for item in items if "cuda" in item.keywords]
+    if dropped:
+        _cuda_only[:] = [item.nodeid for item in dropped]
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
-@pytest.fixture
-def seed_all():
-    torch.manual_seed(1234)
-    return 1234
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _cuda_only:
+        files = len({nodeid.split("::")[0] for nodeid in _cuda_only})
+        terminalreporter.write_line(
+            f"{len(_cuda_only)} CUDA-only tests in {files} files not run: no CUDA GPU (they run on a GPU machine)"
+        )
 
 
 @pytest.fixture

@@ -24,9 +24,12 @@ HD64_CONFIGS = {
 }
 
 
-def hf_gpt2(name: str = "tiny-503", *, seed: int = 0, eos_token_id: int | None = None, sharp: bool = True) -> GPT2LMHeadModel:
+def hf_gpt2(
+    name: str = "tiny-503", *, seed: int = 0, eos_token_id: int | None = None, sharp: bool = True, **config_overrides
+) -> GPT2LMHeadModel:
     """A random GPT2LMHeadModel. ``sharp`` widens the weights so greedy decoding produces varied
-    tokens (GPT-2's own 0.02 init gives near-uniform logits and repeats one token)."""
+    tokens (GPT-2's own 0.02 init gives near-uniform logits and repeats one token);
+    ``config_overrides`` are further GPT2Config fields (``n_inner``, ``scale_attn_weights``, ...)."""
     vocab, n_pos, n_embd, n_head, n_layer = {**SMALL_CONFIGS, **HD64_CONFIGS}[name]
     config = GPT2Config(
         vocab_size=vocab,
@@ -37,6 +40,7 @@ def hf_gpt2(name: str = "tiny-503", *, seed: int = 0, eos_token_id: int | None =
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=None,
+        **config_overrides,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).eval()

@@ -82,3 +82,38 @@ def test_unsupported_head_dim_runs_graph_safe_torch_attention_with_one_warning(m
         got = model.generate(ids, 4)
     assert torch.equal(got, expected)
     assert kernels_report()["attention"] == "torch:attention_at"
+
+
+def test_run_report_holds_dispatch_the_last_generate_and_the_launch_record(monkeypatch):
+    """Contract C2: one dict; the kernels' launch record is read from fastgpt.kernels.utils."""
+    import fastgpt
+    import fastgpt.kernels.utils as kernel_utils
+
+    monkeypatch.setattr(kernel_utils, "launch_record", lambda: {"sample": {"impl": "triton", "path": 3}}, raising=False)
+    _, model = pair("tiny-503")
+    reset_kernels_report()
+    model.generate(torch.randint(0, 503, (1, 3)), 4)
+    report = fastgpt.run_report()
+    assert report["dispatch"] == kernels_report() and report["dispatch"]["sample"] == "torch:greedy"
+    assert report["generate"]["loop"] == "fast" and report["generate"]["decode_steps"] == 3
+    assert report["launches"] == {"sample": {"impl": "triton", "path": 3}}
+
+
+def test_the_sampler_gets_the_status_flags_when_it_takes_them(monkeypatch):
+    """Contract C1, generation side: SamplingState.status (B, 2) int32 zeroed, passed as status=,
+    the same tensor every step (never reallocated)."""
+    from fastgpt import backend
+
+    seen = []
+
+    def sample(logits, temperature, top_k, top_p, min_p, generator=None, status=None, step=None):
+        seen.append((status, int(step)))
+        return logits.argmax(dim=-1)
+
+    monkeypatch.setattr(reference, "sample", sample)
+    state = backend.SamplingState(3, torch.device("cpu"), temperature=0.5, top_k=0, top_p=1.0, min_p=0.0, seed=1)
+    assert state.status.shape == (3, 2) and state.status.dtype == torch.int32 and not state.status.any()
+    for _ in range(2):
+        backend.select_next_token(torch.randn(3, 7), state, "torch")
+    assert seen[0][0] is state.status and seen[1][0] is state.status
+    assert [s for _, s in seen] == [0, 1]  # the RNG step of each call

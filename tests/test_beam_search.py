@@ -8,12 +8,13 @@ hypothesis really ends early when that id is an EOS.
 import pytest
 import torch
 
+import fastgpt
 import fastgpt.beam_search as beam_module
-from fastgpt import KVCache
+from fastgpt import KVCache, run_report
 from fastgpt.model import GPT
+from tests.helpers import HAS_CUDA, left_padded
 from tests.models import hf_gpt2
 
-HAS_CUDA = torch.cuda.is_available()
 _MODELS: dict = {}
 
 def models(name, device="cpu"):
@@ -22,17 +23,6 @@ def models(name, device="cpu"):
         hf = hf_gpt2(name).to(device)
         _MODELS[key] = (hf, GPT.from_hf(hf))
     return _MODELS[key]
-
-
-def left_padded(vocab, lengths, pad_id, seed):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.full((len(lengths), T), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, T - n :] = torch.randint(1, vocab, (n,), generator=g)
-        mask[b, T - n :] = 1
-    return ids, mask
 
 
 def first_greedy_tokens(model, ids, mask):
@@ -45,7 +35,7 @@ def check_beam_parity(name, lengths, n_new, num_beams, eos, nrs, lp, es, seed=0,
     """fastgpt vs HF beam search; ``eos``: None, "row0" (one id) or "list" (the ids of rows 0 and 1)."""
     hf, model = models(name, device)
     pad = 1
-    ids, mask = left_padded(hf.config.vocab_size, lengths, pad, seed)
+    ids, mask = left_padded(hf.config.vocab_size, lengths, pad, seed=seed)
     ids, mask = ids.to(device), mask.to(device)
     kwargs = dict(
         max_new_tokens=n_new,
@@ -105,14 +95,87 @@ def test_early_stopping_true_stops_when_num_beams_hypotheses_are_done():
     [dict(repetition_penalty=1.5, min_new_tokens=4), dict(no_repeat_ngram_size=2, repetition_penalty=0.8)],
 )
 def test_beam_search_with_logits_processors_matches_transformers(kwargs):
+    """The drop-in follows the installed transformers (5.17 penalises pad slots); the native
+    generate gives each left-padded prompt the beams it gets alone (issue 11 item 1)."""
     hf, model = models("tiny-503")
     ids, mask = left_padded(503, [5, 3], 1, seed=4)
     eos = first_greedy_tokens(model, ids, mask)[0]
     common = dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, pad_token_id=1, attention_mask=mask, eos_token_id=eos)
     expected = hf.generate(ids, do_sample=False, **common, **kwargs)
-    got = model.generate(ids, **common, **kwargs)
+    got = fastgpt.accelerate(hf).generate(ids, do_sample=False, **common, **kwargs)
     assert torch.equal(got, expected)
-    assert not torch.equal(got, model.generate(ids, **common))  # the processors change the result
+    native = model.generate(ids, **common, **kwargs)
+    assert not torch.equal(native, model.generate(ids, **common))  # the processors change the result
+    assert_rows_alone(hf, native, ids, mask, do_sample=False, **common, **kwargs)
+
+
+def assert_rows_alone(hf, got, ids, mask, **kwargs):
+    """Each prompt's rows of a batched beam search equal HF's beams for that prompt alone
+    (unpadded), filled with the pad id past their end."""
+    nrs = kwargs["num_return_sequences"]
+    pad = kwargs["pad_token_id"]
+    kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+    for b in range(ids.shape[0]):
+        start = int((mask[b] == 0).sum())
+        alone = hf.generate(ids[b : b + 1, start:], **kwargs)  # (nrs, T_b + n_b)
+        rows = got[b * nrs : (b + 1) * nrs, start:]
+        assert torch.equal(rows[:, : alone.shape[1]], alone), f"prompt {b}"
+        assert (rows[:, alone.shape[1] :] == pad).all(), f"prompt {b}: pad after the end"
+
+
+def test_repetition_penalty_does_not_penalise_left_pad_slots_in_beam_search():
+    """Issue 11 item 1's repro, beam search: the pad/EOS id in the pad slots is not penalised."""
+    hf, model = models("tiny-503")
+    free = model.generate(torch.tensor([[1, 2]]), 6)
+    eos = int(free[0, 2 + 3])  # the 4th new token of the unpadded row
+    ids = torch.tensor([[eos, eos, eos, eos, 1, 2], [4, 5, 6, 3, 1, 2]])
+    mask = (ids != eos).long()
+    common = dict(max_new_tokens=8, num_beams=2, num_return_sequences=1, pad_token_id=eos, eos_token_id=eos,
+                  repetition_penalty=3.0)  # fmt: skip
+    got = model.generate(ids, attention_mask=mask, **common)
+    assert_rows_alone(hf, got, ids, mask, do_sample=False, **common)
+
+
+def test_beam_candidates_go_through_the_top_k_op(monkeypatch):
+    """Contract C3: every top-k of beam search is the top-k op, and run_report() shows it."""
+    import fastgpt.kernels.topk as topk_op
+
+    calls = []
+    real = topk_op.topk
+
+    def counting(x, k, **kwargs):
+        calls.append((tuple(x.shape), k))
+        return real(x, k, **kwargs)
+
+    monkeypatch.setattr(topk_op, "topk", counting)
+    fastgpt.reset_kernels_report()
+    got, T, kwargs = check_beam_parity("tiny-503", [5, 3], 6, 3, None, 1, 1.0, False, seed=2)
+    n_steps = got.shape[1] - T
+    assert calls[0] == ((2, 3 * 503), 2 * 3)  # the candidates over (B, num_beams * V)
+    assert len(calls) == 3 * n_steps  # candidates, running beams, kept hypotheses per step
+    assert run_report()["dispatch"]["topk"] == topk_op.topk_backend("cpu")
+    assert run_report()["generate"]["loop"] == "beam"
+
+
+@pytest.mark.cuda
+def test_the_top_k_op_replays_in_a_cuda_graph():
+    """Graph safety of the beam candidates' top-k (C3): captured once, replayed on new scores."""
+    from fastgpt import backend
+
+    x = torch.randn(4, 3 * 50257, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        backend.topk(x, 6)  # warm-up: builds/loads the op outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        values, indices = backend.topk(x, 6)
+    for seed in range(3):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).cuda())
+        graph.replay()
+        ref_values, ref_indices = torch.topk(x, 6)
+        assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
 
 
 def test_stop_step_found_between_host_checks_gives_the_same_result(monkeypatch):

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import decode, plots, profile
+from benchmarks import decode, plots, profile, run_folder
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -76,7 +76,8 @@ def synthetic_gpu_result():
                     tps = 70 * speed * batch
                     rows.append(
                         dict(engine=engine, model=model, dtype="float16", batch=batch, prompt_len=prompt, new_tokens=new,
-                             tokens_per_s=tps, ms_per_token=1e3 * batch / tps, step_bytes=weights + batch * 1e6,
+                             tokens_per_s=tps, tokens_per_s_min=0.9 * tps, tokens_per_s_max=1.05 * tps,
+                             noisy=engine == "hf-eager", weights="random", backend="triton", ms_per_token=1e3 * batch / tps, step_bytes=weights + batch * 1e6,
                              roofline_frac=0.5 if engine == "fastgpt" else 0.01, greedy_match=engine != "hf-static",
                              match_prefix_min=7, divergence_near_tie=True,
                              speedup_vs_hf_eager=speed, speedup_vs_hf_static=speed / 4.0,
@@ -89,9 +90,71 @@ def synthetic_gpu_result():
 def test_plots_of_a_gpu_shaped_result(tmp_path):
     pytest.importorskip("matplotlib")
     written = plots.plot_decode(synthetic_gpu_result(), tmp_path, prefix="decode")
-    assert [p.name for p in written] == ["decode_tokens_per_s.png", "decode_ms_per_token.png"]
+    assert [p.name for p in written] == ["decode_engines.png", "decode_tokens_per_s.png", "decode_ms_per_token.png"]
     for p in written:
         assert p.stat().st_size > 10_000
+
+
+def test_plots_draw_only_what_the_run_measured(tmp_path):
+    """One batch size and one context: the batch and context plots would be two dots; not drawn."""
+    pytest.importorskip("matplotlib")
+    result = synthetic_gpu_result()
+    result["rows"] = [r for r in result["rows"] if r.get("batch") == 1 and r.get("prompt_len") == 128]
+    assert [p.name for p in plots.plot_decode(result, tmp_path, prefix="d")] == ["d_engines.png"]
+
+
+def test_noisy_engines_are_those_whose_times_overlap():
+    times = {"a": [1.0, 1.1, 1.2], "b": [1.15, 1.3, 1.4], "c": [2.0, 2.01, 2.02]}
+    assert decode.noisy_engines(times) == {"a", "b"}
+    assert decode.noisy_engines({"a": [1.0, 1.01], "b": [1.5, 1.6]}) == set()
+
+
+def test_default_run_is_the_design_card_model_and_gpt2_at_batch_1_and_8(monkeypatch):
+    args = decode.parse_args(["--device", "cpu"])
+    assert args.repeats == 3 and args.engines == ["hf-eager", "hf-static", "fastgpt"]
+    main = {(m, b) for m, b, p, n in args.configs if p == 16}
+    assert main == {("small-d256", 1), ("small-d256", 8), ("gpt2", 1), ("gpt2", 8)}
+    assert {p for m, b, p, n in args.configs if m == "small-d256" and b == 1} == {16, 128, 512}
+    full = decode.parse_args(["--device", "cpu", "--full"])
+    assert len(full.configs) > len(args.configs) and "gpt2-medium" in {c[0] for c in full.configs}
+    picked = decode.parse_args(["--device", "cpu", "--models", "tiny", "--batch", "2"])
+    assert {(m, b) for m, b, _, _ in picked.configs} == {("tiny", 2)}
+
+
+def test_results_never_overwrite_the_reference_unless_asked(monkeypatch, tmp_path):
+    monkeypatch.delenv("RESULTS_DIR", raising=False)
+    run = run_folder.output_dir(reference=False)
+    assert run.parent == run_folder.REFERENCE_DIR / "runs"
+    run.rmdir()
+    # The Makefile's default RESULTS_DIR is the reference folder itself: still a run folder.
+    monkeypatch.setenv("RESULTS_DIR", str(run_folder.REFERENCE_DIR))
+    run = run_folder.output_dir(reference=False)
+    assert run.parent == run_folder.REFERENCE_DIR / "runs"
+    run.rmdir()
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path))
+    assert run_folder.output_dir(reference=False) == tmp_path
+    assert run_folder.output_dir(reference=True) == run_folder.REFERENCE_DIR
+    assert run_folder.device_tag("cpu (x86_64, 2 cores)") == "cpu"
+    assert run_folder.device_tag("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+
+
+def test_decode_benchmark_end_to_end_on_a_tiny_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path))
+    args = ["--device", "cpu", "--models", "tiny", "--batch", "1", "2", "--prompt-len", "4", "--new-tokens", "3",
+            "--repeats", "2", "--no-plots"]  # fmt: skip
+    result = decode.main(args)
+    data = json.loads((tmp_path / "decode_cpu.json").read_text())
+    assert data["repeats"] == 2 and data["copy_bandwidth_gbs"] > 0
+    assert {(r["engine"], r["batch"]) for r in data["rows"]} == {
+        (e, b) for e in ("hf-eager", "hf-static", "fastgpt") for b in (1, 2)
+    }
+    for r in data["rows"]:
+        assert len(r["times_s"]) == 2 and r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"]
+        assert r["greedy_match"] is True and isinstance(r["noisy"], bool) and r["roofline_frac"] > 0
+        assert r["speedup_vs_hf_eager"] > 0 and r["spread_pct"] >= 0
+    fast = [r for r in data["rows"] if r["engine"] == "fastgpt"]
+    assert all(r["backend"] == "torch" for r in fast)
+    assert result["rows"][0]["engine"] == "hf-eager"
 
 
 def test_target_summary_reads_the_target_rows():
@@ -130,3 +193,14 @@ def test_step_bytes_counts_weights_once_and_the_live_kv():
     weights = sum(p.numel() for p in model.parameters()) * 4
     expected = weights - 32 * 16 * 4 + 2 * 16 * 4 + 2 * 3 * 2 * 10.0 * 16 * 4
     assert decode.step_bytes(model, batch=2, context=10.0) == pytest.approx(expected)
+
+
+def test_markdown_table_has_one_line_per_row_and_marks_noise():
+    from benchmarks.decode_report import COLUMNS, markdown_table
+
+    result = synthetic_gpu_result()
+    lines = markdown_table(result).splitlines()
+    assert len(lines) == 2 + len(result["rows"])
+    assert all(line.count("|") == len(COLUMNS) + 1 for line in lines)
+    assert "| hf-eager | gpt2 | 1 | 128 | 256 | ~70.0 |" in lines[2]
+    assert "error: RuntimeError: x" in lines[-1]

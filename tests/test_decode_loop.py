@@ -10,58 +10,34 @@ loop under ``torch.cuda.set_sync_debug_mode("error")``.)
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 
 import pytest
 import torch
 
+from fastgpt import cuda_graph, generation
+from fastgpt.decoder import Decoder
+from fastgpt.settings import GenerationSettings
+from tests.helpers import HostReadCounter, emulate_graph_replay
 from tests.models import pair
-
-# The module, not the function fastgpt.generate that the package exports under the same name.
-gen = importlib.import_module("fastgpt.generate")
-
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture
 def count_host_reads(monkeypatch):
-    """A Counter of host reads of tensors, by method name, while it is enabled."""
-    counts: Counter = Counter()
-    state = {"on": False}
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def counting(self, *args, __original=original, __name=name, **kwargs):
-            if state["on"]:
-                counts[__name] += 1
-            return __original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-
-    class Recorder:
-        def run(self, fn):
-            counts.clear()
-            state["on"] = True
-            try:
-                result = fn()
-            finally:
-                state["on"] = False
-            return result, Counter(counts)
-
-    return Recorder()
+    """Counts host reads of tensors while its ``run`` is active."""
+    return HostReadCounter(monkeypatch)
 
 
-@pytest.fixture(params=["0", "emulate"])
+@pytest.fixture(params=["eager", "graph"])
 def graph_mode(request, monkeypatch):
-    """Both loops: the eager step, and the graph path's bookkeeping with emulated replays."""
+    """Both loops: the eager step, and the graph path's bookkeeping with the replay emulated."""
     monkeypatch.setenv("FASTGPT_BACKEND", "torch")
-    monkeypatch.setenv("FASTGPT_CUDA_GRAPH", request.param)
-    from fastgpt import cuda_graph
-
+    if request.param == "graph":
+        emulate_graph_replay(monkeypatch)
+    else:
+        monkeypatch.setenv("FASTGPT_CUDA_GRAPH", "0")
     cuda_graph.clear_graph_cache()
     yield request.param
     cuda_graph.clear_graph_cache()
@@ -96,7 +72,7 @@ def test_with_eos_the_host_checks_every_sync_every_steps_only(count_host_reads, 
     out_2, short = count_host_reads.run(lambda: model.generate(ids, 2, eos_token_id=unused))
     out_n, long = count_host_reads.run(lambda: model.generate(ids, n_new, eos_token_id=unused))
     assert torch.equal(out_n, free)
-    checks = len([n for n in range(1, n_new) if n % gen.SYNC_EVERY == 0])
+    checks = len([n for n in range(1, n_new) if n % generation.SYNC_EVERY == 0])
     assert checks == 2
     extra = long - short
     assert extra == Counter({"__bool__": checks}), f"expected {checks} finished-flag reads, got {dict(extra)}"
@@ -111,32 +87,85 @@ def test_early_stop_is_exact_whatever_sync_every(monkeypatch, graph_mode):
     expected = hf.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=eos)
     results = []
     for every in (1, 5, 64):
-        monkeypatch.setattr(gen, "SYNC_EVERY", every)
+        monkeypatch.setattr(generation, "SYNC_EVERY", every)
         results.append(model.generate(ids, 24, eos_token_id=eos, pad_token_id=0))
     for got in results:
         assert torch.equal(got, expected)
+
+
+def _graph_or_decoder(model, batch, max_len, **options):
+    """The graph-owned decoder (and its replay) when the graph path applies, else a fresh one."""
+    settings = GenerationSettings.create(model.config, 1, max_len - 1, **options)
+    graph, _ = cuda_graph.GraphCache.graph_for(model, settings, batch, max_len, None)
+    if graph is not None:
+        return graph, graph.decoder, graph.step
+    decoder = Decoder.create(model, settings, batch, max_len)
+    return None, decoder, decoder.step
 
 
 def test_step_reads_no_host_state_that_changes_per_token(graph_mode):
     """Decoder.step's only host-side effect is cache.pos += 1 (what a graph replay mirrors)."""
     _, model = pair("tiny-503")
     ids = torch.randint(0, 503, (2, 6))
-    with torch.inference_mode():
-        decoder = gen.Decoder.create(model, 2, 20, eos_token_ids=[7], pad_token_id=0, min_new_tokens=2)
+    with torch.no_grad():
+        graph, decoder, step = _graph_or_decoder(model, 2, 20, eos_token_id=[7], pad_token_id=0, min_new_tokens=2)
+        assert (graph is not None) == (graph_mode == "graph")
         try:
             tokens = decoder.prefill(ids)
             before = {k: v for k, v in vars(decoder).items() if not isinstance(v, torch.Tensor)}
             cache_before = {k: v for k, v in vars(decoder.cache).items() if not isinstance(v, torch.Tensor)}
-            step = decoder.graph.step if decoder.graph is not None else decoder.step
             for _ in range(5):
                 tokens = step(tokens)
             after = {k: v for k, v in vars(decoder).items() if not isinstance(v, torch.Tensor)}
             cache_after = {k: v for k, v in vars(decoder.cache).items() if not isinstance(v, torch.Tensor)}
         finally:
-            if decoder.graph is not None:
-                decoder.graph.release()
+            if graph is not None:
+                graph.release()
     assert after == before
     assert cache_after.pop("pos") == cache_before.pop("pos") + 5
     assert cache_after == cache_before
     assert int(decoder.cache.pos_tensor) == decoder.cache.pos == 6 + 5
     assert int(decoder.n_generated) == 6 and int(decoder.sampling.step) == 6
+
+
+def _count_ops(fn) -> Counter:
+    """The aten ops ``fn`` dispatches (each a kernel launch on a GPU), by name."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter = Counter()
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[str(func.overloadpacket.__name__)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        fn()
+    return counts
+
+
+#: The aten ops one decode step of tiny-503 (2 layers, batch 2) dispatched on the torch backend
+#: before the generation layer was rebuilt (commit 908547e, measured with the same counter):
+#: the rebuilt step must not launch more.
+STEP_OPS_BEFORE = {"plain": 68, "eos-ban": 78, "sampling": 124}
+STEP_OPTIONS = {
+    "plain": dict(),
+    "eos-ban": dict(eos_token_id=[7, 9], min_new_tokens=3),
+    "sampling": dict(do_sample=True, temperature=0.8, top_k=20, seed=1),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_OPTIONS))
+def test_decode_step_launches_do_not_grow(case, monkeypatch):
+    """The ops one decode step dispatches (each a kernel launch on a GPU), counted on the CPU."""
+    monkeypatch.setenv("FASTGPT_BACKEND", "torch")
+    _, model = pair("tiny-503")
+    ids = torch.randint(0, 503, (2, 6))
+    settings = GenerationSettings.create(model.config, 6, 10, **STEP_OPTIONS[case])
+    with torch.inference_mode():  # as generation.run decodes
+        decoder = Decoder.create(model, settings, 2, 16)
+        tokens = decoder.prefill(ids)
+        first = _count_ops(lambda: decoder.step(tokens))
+        second = _count_ops(lambda: decoder.step(tokens))
+    assert first == second, "a step launches the same ops every time"
+    assert sum(first.values()) <= STEP_OPS_BEFORE[case], dict(first)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fastgpt import kernels_report, reset_kernels_report
+from fastgpt import GPT, GPTConfig, kernels_report, reset_kernels_report
+from tests.helpers import left_padded
 from tests.models import pair
 
 
@@ -24,19 +25,9 @@ def test_greedy_matches_transformers_single_prompt(name, prompt_len, n_new):
     assert len(set(got[0, prompt_len:].tolist())) > 3  # the comparison is not between two constant runs
 
 
-def left_padded_batch(vocab, lengths, pad_id):
-    T = max(lengths)
-    ids = torch.full((len(lengths), T), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, T - n :] = torch.randint(1, vocab, (n,))
-        mask[b, T - n :] = 1
-    return ids, mask
-
-
 def test_greedy_left_padded_batch_matches_transformers_and_rows_alone():
     hf, model = pair("odd-1001")
-    ids, mask = left_padded_batch(1001, [9, 4, 1, 7], pad_id=5)
+    ids, mask = left_padded(1001, [9, 4, 1, 7], pad_id=5)
     expected = hf_greedy(hf, ids, 25, attention_mask=mask, pad_token_id=5)
     got = model.generate(ids, 25, attention_mask=mask, pad_token_id=5)
     assert torch.equal(got, expected)
@@ -49,7 +40,7 @@ def test_greedy_left_padded_batch_matches_transformers_and_rows_alone():
 @pytest.mark.parametrize("eos_as_list", [False, True])
 def test_eos_and_pad_match_transformers(eos_as_list):
     hf, model = pair("tiny-503")
-    ids, mask = left_padded_batch(503, [6, 3, 8], pad_id=1)
+    ids, mask = left_padded(503, [6, 3, 8], pad_id=1)
     free_run = hf_greedy(hf, ids, 30, attention_mask=mask, pad_token_id=1)
     T = ids.shape[1]
     # An EOS id that row 0 emits early; other rows may never emit it.
@@ -180,3 +171,81 @@ def test_bad_input_ids_raise(ids, error, match):
     _, model = pair()
     with pytest.raises(error, match=match):
         model.generate(ids, 3)
+
+
+# ============================================================================================
+# Issue 11: drop-in fidelity
+# ============================================================================================
+def repetition_repro(model):
+    """Issue 11 item 1's batch: row 0 is [1, 2] left-padded with the EOS id (= pad id), which the
+    unpadded row emits as its 4th new token."""
+    eos = int(model.generate(torch.tensor([[1, 2]]), 6, repetition_penalty=3.0)[0, 2 + 3])
+    ids = torch.tensor([[eos, eos, eos, eos, 1, 2], [4, 5, 6, 3, 1, 2]])
+    return ids, (ids != eos).long(), eos
+
+
+@pytest.mark.parametrize("sampling", [{}, dict(do_sample=True, top_k=1, seed=0)], ids=["greedy", "sampling"])
+def test_repetition_penalty_does_not_penalise_left_pad_slots(sampling):
+    hf, model = pair("tiny-503")
+    ids, mask, eos = repetition_repro(model)
+    kwargs = dict(repetition_penalty=3.0, eos_token_id=eos, pad_token_id=eos)
+    got = model.generate(ids, 10, attention_mask=mask, **sampling, **kwargs)
+    alone = hf.generate(ids[:1, 4:], max_new_tokens=10, do_sample=False, **kwargs)  # the row without pads
+    assert alone.shape[1] == 2 + 4  # it ends at step 4 (its EOS)
+    assert torch.equal(got[0, 4 : 4 + alone.shape[1]], alone[0])
+    assert (got[0, 4 + alone.shape[1] :] == eos).all()
+
+
+def tiny_vocab_model(vocab=13):
+    return GPT.from_config(GPTConfig(vocab_size=vocab, n_positions=40, n_embd=16, n_head=2, n_layer=1), seed=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["fast-loop", "streaming-loop"])
+def test_sampling_when_every_token_is_banned_raises_like_transformers(monkeypatch, streaming, backend):
+    """Issue 11 item 6: never a banned token; the all-banned row is reported (C1 status), by the
+    PyTorch sampler and by the Triton one (interpreter on a CPU)."""
+    monkeypatch.setenv("FASTGPT_BACKEND", backend)
+    reset_kernels_report()
+    model = tiny_vocab_model()
+    extra = dict(output_scores=True, return_dict_in_generate=True) if streaming else {}
+    with pytest.raises(RuntimeError, match=r"sampling failed in row 0 at step 12: every token is banned"):
+        model.generate(torch.tensor([[0]]), 20, do_sample=True, no_repeat_ngram_size=1, seed=1, **extra)
+    assert kernels_report()["sample"] == ("triton" if backend == "triton" else "torch")
+    ok = model.generate(torch.tensor([[0]]), 12, do_sample=True, no_repeat_ngram_size=1, seed=1)
+    assert sorted(ok[0].tolist()) == list(range(13))  # 13 distinct tokens, then nothing is left
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_scores_when_sampling_raise_and_greedy_follows_argmax(monkeypatch, backend):
+    """Issue 11 item 5 (the sampler side): NaN scores are a clear RuntimeError, never token 0."""
+    monkeypatch.setenv("FASTGPT_BACKEND", backend)
+    reset_kernels_report()
+    model = tiny_vocab_model(29)
+    # Row 1's hidden states (hence its logits) become NaN, row 0's stay finite.
+    nan_row_1 = lambda module, args, out: (out[0].index_fill(0, torch.tensor([1]), float("nan")), out[1])  # noqa: E731
+    model.h[-1].register_forward_hook(nan_row_1)  # the last block returns (stream, pending delta)
+    with pytest.raises(RuntimeError, match=r"sampling failed in row 1 at step 0: the scores contain NaN \(HF raises"):
+        model.generate(torch.tensor([[1, 2], [3, 4]]), 5, do_sample=True, seed=0)
+    greedy = model.generate(torch.tensor([[1, 2], [3, 4]]), 3)  # greedy: torch.argmax semantics, no error
+    assert greedy[1, 2:].tolist() == [0, 0, 0]  # argmax of all-NaN logits: the first index
+    assert kernels_report()["sample"] == ("triton" if backend == "triton" else "torch:greedy")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, dict(do_sample=True, seed=1), dict(num_beams=2), dict(output_scores=True, output_logits=True)],
+    ids=["greedy", "sampling", "beam", "scores"],
+)
+def test_returned_tensors_are_ordinary_tensors(kwargs):
+    """Issue 11 item 7: users may modify outputs in place and train on them, as with HF."""
+    hf, model = pair("tiny-503")
+    ids = torch.randint(1, 503, (2, 4))
+    out = model.generate(ids, 5, return_dict_in_generate=True, **kwargs)
+    tensors = [out.sequences] + list(out.scores or ()) + list(out.logits or ())
+    assert all(not t.is_inference() and not t.requires_grad for t in tensors)
+    out.sequences[out.sequences == 0] = 1  # raised "Inplace update to inference tensor" before
+    loss = hf(out.sequences, labels=out.sequences).loss
+    loss.backward()  # raised "Inference tensors cannot be saved for backward" before
+    plain = model.generate(ids, 5)
+    plain += 1

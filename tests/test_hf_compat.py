@@ -20,12 +20,13 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 
 import fastgpt
 from fastgpt import FallbackWarning, kernels_report, reset_kernels_report
+from fastgpt import hf_compat
 from fastgpt.hf_compat import _check_signature
 from fastgpt.model import GPT
+from tests.helpers import HAS_CUDA, RecordingStreamer, assert_close
 from tests.models import hf_gpt2
 from tests.stats import chisquare_pvalue
 
-HAS_CUDA = torch.cuda.is_available()
 _CACHE: dict = {}
 
 
@@ -85,10 +86,10 @@ def assert_same_output(got, expected, atol=1e-4):
             assert a.dtype == b.dtype and torch.equal(a, b), key
         elif isinstance(b, tuple):
             assert len(a) == len(b), key
-            for x, y in zip(a, b):
-                torch.testing.assert_close(x, y, rtol=0, atol=atol)
+            for i, (x, y) in enumerate(zip(a, b)):
+                assert_close(x, y, atol=atol, what=f"{key}[{i}]")
         else:
-            torch.testing.assert_close(a, b, rtol=0, atol=atol)
+            assert_close(a, b, atol=atol, what=key)
 
 
 def run_both(kwargs_fn, batch=False):
@@ -257,17 +258,6 @@ def test_sampled_first_tokens_follow_transformers_distribution(kwargs):
 # ---------------------------------------------------------------------------------------------
 # Streamers
 # ---------------------------------------------------------------------------------------------
-class RecordingStreamer:
-    def __init__(self):
-        self.calls = []
-
-    def put(self, value):
-        self.calls.append(("put", value.clone()))
-
-    def end(self):
-        self.calls.append(("end", None))
-
-
 def assert_same_calls(a, b):
     assert [k for k, _ in a] == [k for k, _ in b]
     for (_, x), (_, y) in zip(a, b):
@@ -436,6 +426,52 @@ def test_weights_changed_in_place_are_copied_again():
     assert torch.equal(fast.generate(single, max_new_tokens=10, pad_token_id=0), expected)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [lambda p: p.data.mul_(1.5), lambda p: p.data.copy_(torch.randn_like(p) * 0.08)],
+    ids=["data.mul_", "data.copy_"],
+)
+def test_weights_changed_through_data_are_copied_again(change):
+    """Issue 11 item 2: ``.data`` bypasses the version counter; the fingerprint still sees it."""
+    hf = hf_gpt2("tiny-503")
+    fast = fastgpt.accelerate(hf)
+    single, *_ = prompts()
+    before = fast.generate(single, max_new_tokens=10, pad_token_id=0)
+    torch.manual_seed(0)
+    for p in hf.parameters():
+        change(p)
+    expected = hf.generate(single, max_new_tokens=10, pad_token_id=0)
+    assert not torch.equal(expected, before)
+    assert torch.equal(fast.generate(single, max_new_tokens=10, pad_token_id=0), expected)
+
+
+def test_repetition_penalty_follows_the_installed_transformers(monkeypatch):
+    """Issue 11 item 1: the drop-in penalises left-pad slots exactly when the installed
+    transformers does (5.17 does; releases passing ``prompt_ignore_length`` do not)."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    hf = hf_gpt2("tiny-503")
+    fast = fastgpt.accelerate(hf)
+    installed = "prompt_ignore_length" not in inspect.getsource(GenerationMixin._get_logits_processor)
+    assert hf_compat.hf_penalizes_pad_slots() is installed
+    eos = int(fast.generate(torch.tensor([[1, 2]]), max_new_tokens=6, repetition_penalty=3.0, pad_token_id=0)[0, 5])
+    ids = torch.tensor([[eos, eos, eos, eos, 1, 2], [4, 5, 6, 3, 1, 2]])
+    kwargs = dict(max_new_tokens=10, do_sample=False, repetition_penalty=3.0, eos_token_id=eos, pad_token_id=eos,
+                  attention_mask=(ids != eos).long())  # fmt: skip
+    assert torch.equal(fast.generate(ids, **kwargs), hf.generate(ids, **kwargs))  # the installed HF
+    hf_compat.hf_penalizes_pad_slots.cache_clear()
+    monkeypatch.setattr(hf_compat, "hf_penalizes_pad_slots", lambda: not installed)  # the other semantics
+    other = fast.generate(ids, **kwargs)
+    alone = hf.generate(ids[:1, 4:], **{k: v for k, v in kwargs.items() if k != "attention_mask"})
+    with_pads = hf.generate(ids, **kwargs)
+    if installed:  # the other semantics leave pads out: row 0 as if alone
+        assert torch.equal(other[0, 4 : 4 + alone.shape[1]], alone[0]) and not torch.equal(other, with_pads)
+    else:
+        assert not torch.equal(other[0, 4 : 4 + alone.shape[1]], alone[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
 # ---------------------------------------------------------------------------------------------
@@ -493,3 +529,61 @@ def test_top_k_1_sampling_with_processors_and_streamer_on_cuda_equals_greedy():
         fast_path = fast.generate(batch_ids, do_sample=True, top_k=1, **kwargs)  # no streamer: the decode loop
     assert torch.equal(got, expected) and torch.equal(fast_path, expected)
     assert_same_calls(ours.calls, theirs.calls)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 1e-39])
+def test_non_finite_or_vanishing_temperatures_are_left_to_transformers(temperature):
+    """Issue 11 item 5, drop-in side: HF's own behaviour (its error, or its sampling), with one
+    FallbackWarning; never fastgpt's token 0."""
+    hf, fast = wrapped()
+    single, *_ = prompts()
+    kwargs = dict(max_new_tokens=3, do_sample=True, temperature=temperature, pad_token_id=0)
+    try:
+        torch.manual_seed(0)
+        expected = hf.generate(single, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever HF raises, the drop-in raises the same
+        with pytest.warns(FallbackWarning, match="temperature"), pytest.raises(type(exc)):
+            fast.generate(single, **kwargs)
+        return
+    torch.manual_seed(0)
+    with pytest.warns(FallbackWarning, match="temperature"):
+        assert torch.equal(fast.generate(single, **kwargs), expected)
+
+
+# ---- model settings (issue 11 items 3, 4): followed, or the call falls back -------------------
+@pytest.mark.parametrize(
+    "flags",
+    [dict(scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True), dict(n_inner=100, reorder_and_upcast_attn=True)],
+    ids=["attention-scales", "n_inner-upcast"],
+)
+def test_accelerate_follows_gpt2_config_flags(flags):
+    hf = hf_gpt2("odd-1001", attn_implementation="eager", **flags)
+    ids = torch.randint(0, 1001, (2, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)  # fastgpt runs it: no fallback
+        got = fastgpt.accelerate(hf).generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    assert torch.equal(got, want)
+
+
+def test_accelerate_uses_an_untied_lm_head():
+    hf = hf_gpt2("odd-1001")
+    torch.manual_seed(7)
+    hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight) * 0.08)  # as a user unties it
+    ids = torch.randint(0, 1001, (1, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        got = fastgpt.accelerate(hf).generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+
+
+def test_an_unsupported_activation_falls_back_to_transformers_or_raises_when_strict():
+    hf = hf_gpt2("tiny-503", activation_function="relu")
+    ids = torch.randint(0, 503, (1, 5))
+    fast = fastgpt.accelerate(hf)
+    assert fast.model is None and "relu" in repr(fast)  # nothing copied: every call goes to HF
+    with pytest.warns(FallbackWarning, match="activation_function='relu'"):
+        got = fast.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, hf.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    with pytest.raises(ValueError, match="activation_function='relu'"):
+        fastgpt.accelerate(hf, strict=True).generate(ids, max_new_tokens=4, pad_token_id=0)

@@ -44,5 +44,5 @@ def test_reorder_rows_gathers_rows_in_place_without_new_buffers_per_call():
 
 
 def test_bad_sizes_raise():
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match="KVCache batch must be >= 1, got 0"):
         make_cache(batch=0)

@@ -84,3 +84,66 @@ def test_from_hf_dtype_and_copy_semantics(hf_model):
 def test_bad_dtype_raises(bad):
     with pytest.raises(ValueError, match="dtype must be one of"):
         resolve_dtype(bad)
+
+
+# ---- errors name the file and what is wrong ---------------------------------------------------
+def test_corrupt_safetensors_header_names_the_file(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # header length now absurd
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors weight file"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_corrupt_pytorch_bin_names_the_file(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin is not a readable PyTorch weight file"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_config_without_n_embd_names_the_file(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["n_embd"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: the GPT-2 config has no n_embd"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("text", ['{"n_embd": 60,', "[1, 2]"])
+def test_config_that_is_not_a_json_object_names_the_file(tmp_path, hf_model, text):
+    hf_model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"config\.json (is not valid JSON|must hold a JSON object)"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_missing_shard_names_the_index_and_the_shard(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"index\.json lists the shard {shard.name}"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_directory_without_config_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("path", ["/path/to/gpt2", "./gpt2-local", "a/b/c"])
+def test_a_path_that_does_not_exist_says_so_without_cache_names(path):
+    with pytest.raises(FileNotFoundError) as info:
+        GPT.from_pretrained(path)
+    assert "no such directory" in str(info.value) and "models--" not in str(info.value)
+
+
+def test_a_config_of_another_model_type_names_the_file_and_the_type(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: fastgpt cannot run this GPT-2 config: model_type='llama'"):
+        GPT.from_pretrained(str(tmp_path))

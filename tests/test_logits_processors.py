@@ -14,8 +14,9 @@ from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
 )
 
+from fastgpt.decoder import ban_early_eos
 from fastgpt.logits_processors import (
-    MinNewTokens,
+    LogitsProcessor,
     NoRepeatNGram,
     ProcessorList,
     RepetitionPenalty,
@@ -24,8 +25,28 @@ from fastgpt.logits_processors import (
     recorded_scores,
 )
 
-HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+class DecoderEosBan(LogitsProcessor):
+    """The Decoder's min_new_tokens ban (fastgpt.decoder.ban_early_eos, the one implementation)
+    in the processor protocol, so that it can be driven step by step against HF's processor."""
+
+    def __init__(self, min_new_tokens, eos_token_ids):
+        self.min_new_tokens, self.eos_ids = min_new_tokens, eos_token_ids
+
+    def start(self, input_ids, max_len, vocab_size, row_start=None):
+        device = input_ids.device
+        self.eos = torch.tensor(self.eos_ids, device=device)
+        self.min_new = torch.full((1,), self.min_new_tokens, device=device)
+        self.n_generated = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def __call__(self, scores):
+        ban_early_eos(scores, self.eos, self.n_generated, self.min_new)
+        return scores
+
+    def update(self, tokens):
+        self.n_generated += 1
 
 
 def run_against_hf(ours, theirs, *, R, T, V, steps, device, reorder_every=3, seed=0):
@@ -79,9 +100,33 @@ def test_no_repeat_ngram_longer_than_the_history_never_bans():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_min_new_tokens_matches_transformers(device):
+def test_repetition_penalty_leaves_pad_slots_out_like_each_row_alone(device):
+    """Issue 11.1: a left-padded row is penalised as the same row without its pads (newer HF)."""
+    g = torch.Generator().manual_seed(3)
+    V, T, pad = 9, 6, 7
+    ids = torch.randint(0, V, (3, T), generator=g)
+    row_start = torch.tensor([0, 2, 4], dtype=torch.int32)
+    for b, n in enumerate(row_start.tolist()):
+        ids[b, :n] = pad
+    ids[0, 5] = 8  # row 0 has no pad: 7 may appear in it only as a real token
+    ours = ProcessorList([RepetitionPenalty(3.0)], vocab_size=V)
+    ours.start(ids.to(device), T + 1, row_start=row_start.to(device))
+    scores = torch.randn(3, V, generator=g) * 3
+    got = ours(scores.clone().to(device)).cpu()
+    for b, n in enumerate(row_start.tolist()):
+        alone = RepetitionPenaltyLogitsProcessor(3.0)(ids[b : b + 1, n:], scores[b : b + 1].clone())
+        assert torch.equal(got[b : b + 1], alone), f"row {b}"
+    with_pads = ProcessorList([RepetitionPenalty(3.0)], vocab_size=V)
+    with_pads.start(ids.to(device), T + 1)  # no row_start: transformers 5.17's behaviour
+    expected = RepetitionPenaltyLogitsProcessor(3.0)(ids, scores.clone())
+    assert torch.equal(with_pads(scores.clone().to(device)).cpu(), expected)
+    assert not torch.equal(expected[2], got[2])  # the pad id's score differs: the case matters
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoder_eos_ban_matches_transformers_min_new_tokens(device):
     T, eos = 4, [3, 7]
-    ours = ProcessorList([MinNewTokens(5, eos)], vocab_size=11)
+    ours = ProcessorList([DecoderEosBan(5, eos)], vocab_size=11)
     theirs = [MinNewTokensLengthLogitsProcessor(T, 5, torch.tensor(eos, device=device))]
     run_against_hf(ours, theirs, R=2, T=T, V=11, steps=8, device=device)
 
@@ -89,9 +134,9 @@ def test_min_new_tokens_matches_transformers(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_three_in_hf_order_match_transformers(device):
     T, V = 3, 7
-    ours = build_processors(
-        vocab_size=V, repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=3, eos_token_ids=[2]
-    )
+    # The Decoder bans EOS before the processors run; HF after them: the same scores.
+    ours = build_processors(vocab_size=V, repetition_penalty=1.5, no_repeat_ngram_size=2)
+    ours.insert(0, DecoderEosBan(3, [2]))
     theirs = [
         RepetitionPenaltyLogitsProcessor(1.5),
         NoRepeatNGramLogitsProcessor(2),
@@ -102,7 +147,6 @@ def test_all_three_in_hf_order_match_transformers(device):
 
 def test_build_processors_skips_inactive_settings_and_orders_recorder_last():
     assert build_processors(vocab_size=10) is None
-    assert build_processors(vocab_size=10, min_new_tokens=4, eos_token_ids=None) is None  # no EOS: nothing to ban
     procs = build_processors(vocab_size=10, repetition_penalty=1.2, no_repeat_ngram_size=3, record_scores=True)
     assert [type(p) for p in procs] == [RepetitionPenalty, NoRepeatNGram, ScoresRecorder]
     assert not procs.graph_safe
@@ -127,7 +171,6 @@ def test_scores_recorder_keeps_copies_of_warped_scores():
         (lambda: RepetitionPenalty(-1.0), "repetition_penalty"),
         (lambda: NoRepeatNGram(0), "no_repeat_ngram_size"),
         (lambda: NoRepeatNGram(2.0), "no_repeat_ngram_size"),
-        (lambda: MinNewTokens(-1, [1]), "min_new_tokens"),
     ],
 )
 def test_bad_settings_raise(make, match):
@@ -146,9 +189,8 @@ def test_processors_never_sync_with_the_host_and_replay_in_a_cuda_graph():
     all_tokens = [torch.randint(0, 8, (R,), generator=g).cuda() for _ in range(steps)]
 
     def make():
-        p = build_processors(
-            vocab_size=V, repetition_penalty=1.4, no_repeat_ngram_size=2, min_new_tokens=3, eos_token_ids=[1, 2]
-        )
+        p = build_processors(vocab_size=V, repetition_penalty=1.4, no_repeat_ngram_size=2)
+        p.insert(0, DecoderEosBan(3, [1, 2]))
         p.start(ids, T + steps)
         return p
 
