@@ -790,9 +790,28 @@ GPT2_SHAPES = {
     "small.fc": (3072, 768, "ln+bias+gelu_tanh"),
     "small.mlp_proj": (768, 3072, "bias+residual"),
     "small.lm_head": (50257, 768, "ln_only"),
+    "xl.qkv": (4800, 1600, "ln+bias"),
     "xl.fc": (6400, 1600, "ln+bias+gelu_tanh"),
     "xl.mlp_proj": (1600, 6400, "bias+residual"),
+    "xl.lm_head": (50257, 1600, "ln_only"),  # the persistent whole-row kernel at M = 1
 }
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B", [1, 3, 16])
+@pytest.mark.parametrize("H, S_max, pos, n_split", [(12, 1024, 700, None), (25, 2048, 2047, None), (12, 1000, 300, 9)])
+def test_out_projection_combine_gpt2_shapes_cuda(B, H, S_max, pos, n_split, gemv_launches):
+    """GPT-2 small / XL out-projections (C = 768, 1600) consuming the decode attention's partials."""
+    if n_split is None:
+        n_split = AD.decode_num_splits(B, H, S_max)
+    partials, ref_attn = attention_step(B, H, 64, S_max, pos, n_split, torch.float16, True, seed=B)
+    C = H * 64
+    inp = make_inputs(B, C, C, torch.float16, ln=False, lead=(B, 1), seed=C)
+    del inp["x"], inp["ln_weight"], inp["ln_bias"]
+    out = KL.linear(None, **inp, out=poisoned((B, 1, C), torch.float16), attn_partials=partials)
+    torch.cuda.synchronize()
+    assert gemv_launches.launches == 1
+    assert_close(out, reference_out_projection(ref_attn, inp), torch.float16, f"B={B} C={C} n_split={n_split}")
 
 
 @pytest.mark.cuda
