@@ -47,7 +47,36 @@ Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
   the acquire (the atomic, then the partials loaded with ``.cg``, bypassing L1) make every
   partial visible to the finishing program.
 
-The choice between this GEMV and :func:`cublas_linear` per shape is :mod:`fastgpt.kernels.linear_plan`.
+Whole-row kernel (``_gemv_row_kernel``): ``M == 1`` and ``K <= ROW_K_MAX`` (GPT-2's 768, XL's 1600)
+------------------------------------------------------------------------------------------------------
+Batch-1 decode is bound by streaming ``W`` once; ``x`` is one row of at most 2048 features. Each
+program holds the whole row (``ROW_K = next_power_of_2(K)``: one K chunk, so no K loop, no split-K
+handshake, no workspace, and no 256-wide iteration spent on K = 1600's last 64 columns) and
+reduces ``(BLOCK_N, ROW_K)`` weight tiles of ``BLOCK_N = 4096 / ROW_K`` rows. One program per tile,
+or, when there are more than ``PERSISTENT_MIN_TILES_PER_SM`` tiles per SM (the LM head:
+12,565 tiles for GPT-2), persistent: ``PERSISTENT_PROGRAMS_PER_SM`` programs per SM, each
+normalising its row ONCE (LayerNorm statistics and the normalised row stay in registers) and
+streaming every G-th tile with the next tile's load in flight. :func:`default_config` picks it for
+these shapes (:func:`row_config`); the measured plan weighs it against the K-loop tiles.
+
+Attention combine prologue (``attn_partials=``)
+-----------------------------------------------
+In a decode step the out-projection's ``x`` is the attention output. With
+``decode_attention(..., combine=False)`` that output is left as per-split partials and this GEMV
+combines them for the K columns (= heads x head_dim) each program reads
+(:func:`fastgpt.kernels.attention_decode.combined_attention_tile`: the valid splits, chunk start
+<= ``cache_pos`` read on the device, log-sum-exp weighted, rounded to the dtype as a stored output
+would be). Both kernels take it, with split-K too. One launch per layer fewer.
+
+Programmatic dependent launch (:func:`fastgpt.kernels.utils.pdl_enabled`)
+------------------------------------------------------------------------
+On sm_90 both kernels launch with ``launch_pdl=True``; in the kernel the first weight tile (the
+whole weight tile in the whole-row kernel) and the bias are loaded BEFORE ``gdc_wait()``, so the
+weight stream overlaps the previous kernel's tail and the launch gap; ``x``, the residual, the
+partials and every write come after it, then ``gdc_launch_dependents()``. ``USE_PDL`` is False
+under the interpreter (``gdc_*`` cannot be traced there) and with ``FASTGPT_PDL=0``.
+
+The choice between these GEMVs and :func:`cublas_linear` per shape is :mod:`fastgpt.kernels.linear_plan`.
 
 CUDA graphs: the split-K workspace of a (shape, config) is allocated on its first eager launch and
 reused by every later launch and graph replay (launches on one stream are ordered, and each
@@ -58,9 +87,9 @@ Kernel count per transformer layer, decode (M = B <= 16), by construction
 --------------------------------------------------------------------------
 Before (PyTorch ops): ln_1, c_attn addmm, [attention], c_proj addmm, residual add, ln_2, c_fc addmm,
 GELU, c_proj addmm, residual add = 9 launches + attention.
-After (every GEMV plan "triton"): ln_1+c_attn+bias, [attention], c_proj+bias+residual,
-ln_2+c_fc+bias+GELU, c_proj+bias+residual = 4 launches + attention; per step, ln_f + LM head is one
-more launch (and the first layer's ``wte + wpe`` one add). With a "cublas" plan an op costs its
+After (every GEMV plan "triton"): ln_1+c_attn+bias, attention (split partials, one launch),
+c_proj+split combine+bias+residual, ln_2+c_fc+bias+GELU, c_proj+bias+residual = 5 launches; per
+step, ln_f + LM head (persistent) is one more launch (and the first layer's ``wte + wpe`` one add). With a "cublas" plan an op costs its
 cuBLAS call plus one LayerNorm launch (ln ops) or plus nothing (residual ops: the add is deferred
 into the next LayerNorm, which becomes an add + LayerNorm launch); see ``fastgpt.backend``.
 """

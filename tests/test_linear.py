@@ -361,6 +361,23 @@ def test_whole_row_kernel_combines_attention_partials(gemv_launches):
     assert_close(out, reference_out_projection(ref_attn, inp), torch.float32, "whole-row + combine")
 
 
+def test_pdl_switch(monkeypatch):
+    """One switch for the kernels' USE_PDL and the launch's launch_pdl: on only for a CUDA device
+    of capability >= 9 outside the interpreter, and off with FASTGPT_PDL=0."""
+    from fastgpt.kernels import utils
+
+    assert not utils.pdl_enabled("cpu")
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
+    monkeypatch.setattr(utils, "_capability_at_least_90", lambda index: index == 0)
+    monkeypatch.delenv("FASTGPT_PDL", raising=False)
+    assert utils.pdl_enabled("cuda:0") and not utils.pdl_enabled("cuda:1") and not utils.pdl_enabled("cpu")
+    monkeypatch.setenv("FASTGPT_PDL", "0")
+    assert not utils.pdl_enabled("cuda:0")
+    monkeypatch.setattr(utils, "interpreting", lambda: True)
+    monkeypatch.setenv("FASTGPT_PDL", "1")
+    assert not utils.pdl_enabled("cuda:0"), "gdc_* cannot run under the interpreter"
+
+
 def test_strided_rows_leading_dims_and_in_place_residual():
     B, T, K, N = 3, 4, 40, 24
     inp = make_inputs(B, N, K, torch.float16, lead=(B, T))
