@@ -703,6 +703,12 @@ def _barrier_between_stores_and(lines: list[str], atom: int) -> bool:
     return any("bar.sync" in line for line in lines[last_store:atom])
 
 
+def _loads_before_wait(lines: list[str]) -> int:
+    """Global loads the PTX issues before its first ``griddepcontrol.wait`` (the weight stream)."""
+    wait = next((i for i, line in enumerate(lines) if "griddepcontrol.wait" in line), len(lines))
+    return sum(1 for line in lines[:wait] if "ld.global" in line)
+
+
 def _compile_worker() -> None:
     """Subprocess entry: compile the JSON specs on stdin for sm_90, print JSON results.
 
@@ -768,6 +774,7 @@ def _compile_worker() -> None:
                 barrier_before_atom=bool(atom) and _barrier_between_stores_and(lines, atom[0]),
                 cg_loads="ld.global.cg" in ptx,
                 pdl=["griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx],
+                loads_before_wait=_loads_before_wait(lines),
                 spills=spill_bytes(special.asm["cubin"]),
             )
         )
@@ -783,6 +790,8 @@ def test_every_config_compiles_for_sm90():
         assert r["vector_loads"], f"{spec}: no 16-byte loads of W"
         assert r["spills"] == 0, f"{spec}: {r['spills']} B of register spills"
         assert r["pdl"] == [True, True], f"{spec}: griddepcontrol.wait / launch_dependents missing"
+        if spec["block_m"] == 1:  # the first weight tile is in flight before the wait
+            assert r["loads_before_wait"] >= 4, f"{spec}: {r['loads_before_wait']} loads before griddepcontrol.wait"
         if spec["block_m"] == 16:
             assert r["mma"] == (spec["dtype"] != "fp32"), f"{spec}: half dots on tensor cores, fp32 IEEE"
         if spec["split"]:
