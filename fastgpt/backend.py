@@ -1,8 +1,9 @@
 """The kernel boundary: which implementation of each hot op runs, and a record of what ran.
 
 The model calls :func:`attention`, :func:`select_next_token` and the layer ops :func:`ln_linear` /
-:func:`residual_linear` (LayerNorm + projection, projection + residual; built on
-:func:`add_layernorm`) and nothing else kernel-specific, so the Triton and CUDA kernels replace
+:func:`residual_linear` / :func:`attention_residual_linear` (LayerNorm + projection, projection +
+residual, attention + out-projection + residual, whose Triton decode step leaves the attention's
+split combine to the projection's launch; built on :func:`add_layernorm`) and nothing else kernel-specific, so the Triton and CUDA kernels replace
 the PyTorch reference without touching the model. Beam search takes its top-k through
 :func:`topk` (the CUDA/CPU top-k op).
 
