@@ -185,7 +185,7 @@ def prediction_table() -> dict:
     for row in rows:
         row["fraction_of_bandwidth_only"] = row["predicted_tokens_per_s"] / row["bandwidth_only_tokens_per_s"]
     formula = "tok/s = batch / (bytes_per_token / (efficiency * copy_bandwidth) + launches_per_token * launch_overhead)"
-    return dict(model=formula, efficiency=EFFICIENCY, dtype="float16", mean_context=context, **shape, rows=rows)
+    return dict(formula=formula, efficiency=EFFICIENCY, dtype="float16", mean_context=context, **shape, rows=rows)
 
 
 def format_table(table: dict) -> str:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table:
         p.error("nothing to do: pass --table")
     table = prediction_table()
-    print(f"{table['model']}; efficiency {EFFICIENCY}, fp16, batch 1, mean context {table['mean_context']:g}")
+    print(f"{table['formula']}; efficiency {EFFICIENCY}, fp16, batch 1, mean context {table['mean_context']:g}")
     print(format_table(table))
     if args.out:
         with open(args.out, "w") as f:
