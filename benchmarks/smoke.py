@@ -415,7 +415,7 @@ def check_graph_replay(s: Shapes, device) -> dict:
     """32 greedy steps with the decode step as a CUDA graph (emulated on the CPU) equal to eager."""
     from benchmarks.common import env_override
     from fastgpt import GPT, GPTConfig
-    from fastgpt.cuda_graph import clear_graph_cache, last_generate_stats
+    from fastgpt import clear_graph_cache, last_generate_stats
 
     model = GPT.from_config(GPTConfig(**s.graph_model), dtype=s.dtype, device=device, seed=0)
     with torch.no_grad():  # wider than GPT-2's init, so greedy decoding does not repeat one token
@@ -425,12 +425,21 @@ def check_graph_replay(s: Shapes, device) -> dict:
     torch.manual_seed(3)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), device=device)
     graph_mode = "1" if device.type == "cuda" else "emulate"
+    emulate = contextlib.nullcontext()
+    if device.type != "cuda":  # no production switch emulates a replay: the tests' hook does
+        import pytest
+
+        from tests.helpers import emulate_graph_replay
+
+        emulate = pytest.MonkeyPatch.context()
     clear_graph_cache()
     with env_override(FASTGPT_CUDA_GRAPH="0"):
         eager = model.generate(ids, GRAPH_STEPS)
     # Keep the captured cudaGraph_t (to count its nodes) where this torch can (keep_graph, 2.8+).
     keep = mock.patch.object(torch.cuda, "CUDAGraph", _KeptGraph) if _CAN_KEEP_GRAPH else contextlib.nullcontext()
-    with env_override(FASTGPT_CUDA_GRAPH=graph_mode), keep:
+    with env_override(FASTGPT_CUDA_GRAPH="1"), keep, emulate as patch:
+        if device.type != "cuda":
+            emulate_graph_replay(patch)
         graphed = model.generate(ids, GRAPH_STEPS)
         stats = last_generate_stats()
         try:
