@@ -151,7 +151,7 @@ def test_prediction_fields_need_every_input():
         assert fields["predicted_tokens_per_s"] is None and fields["bytes_per_token"] == n_bytes
 
 
-def test_decode_benchmark_rows_carry_the_prediction_and_the_pdl_off_row(monkeypatch, tmp_path, fake_counter):
+def test_decode_benchmark_rows_carry_the_prediction_and_the_pdl_off_row(monkeypatch, tmp_path, fake_counter, capsys):
     monkeypatch.setenv("RESULTS_DIR", str(tmp_path))
     monkeypatch.setattr(perf_model, "measure_launch_overhead_us", lambda device: 1.5)
     pdl_during_generate = []
@@ -177,6 +177,8 @@ def test_decode_benchmark_rows_carry_the_prediction_and_the_pdl_off_row(monkeypa
         assert r["predicted_tokens_per_s"] == pytest.approx(2 / step) and r["greedy_match"] is True
         assert r["tokens_per_s"] > 0
     assert "predicted_tokens_per_s" not in engines["hf-eager"]
+    printed = capsys.readouterr().out  # the table shows the model's step beside the measured one
+    assert "launch in a graph 1.50 us" in printed and f"{engines['fastgpt']['predicted_ms_per_token']:.2f}" in printed
     assert fake_counter == [None, "0"]  # launches counted under each engine's PDL setting
     assert "0" in pdl_during_generate and None in pdl_during_generate
     assert os.environ.get("FASTGPT_PDL") is None  # restored
