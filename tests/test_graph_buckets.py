@@ -120,3 +120,33 @@ def test_eager_path_uses_the_bucket_too(monkeypatch):
     assert seen == [512, 256]
     assert last_generate_stats()["path"] == "eager"
 
+
+
+@pytest.mark.cuda
+def test_one_real_graph_serves_a_bucket_and_equals_eager_on_cuda(monkeypatch):
+    """Triton backend, real graphs: three prompt lengths of one bucket (512) capture once, and each
+    call's tokens equal the eager Triton loop's, whose cache has the same length (split count)."""
+    from fastgpt import GPTConfig, kernels_report, reset_kernels_report
+
+    monkeypatch.setenv("FASTGPT_BACKEND", "triton")
+    config = GPTConfig(vocab_size=1001, n_positions=1024, n_embd=128, n_head=2, n_layer=2)
+    model = GPT.from_config(config, dtype=torch.float32, device="cuda", seed=0)
+    with torch.no_grad():  # wider than GPT-2's init, so greedy decoding produces varied tokens
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model = model.half()
+    captured = []
+    for prompt_len, n_new in ((300, 50), (200, 100), (400, 60)):
+        ids = torch.randint(0, 1001, (1, prompt_len), device="cuda")
+        monkeypatch.setenv("FASTGPT_CUDA_GRAPH", "0")
+        reset_kernels_report()
+        expected = model.generate(ids, n_new)
+        assert kernels_report().get("attention.decode") == "triton"
+        monkeypatch.setenv("FASTGPT_CUDA_GRAPH", "1")
+        got = model.generate(ids, n_new)
+        stats = last_generate_stats()
+        assert stats["path"] == "graph" and stats["key"].max_len == 512, stats
+        captured.append(stats["captured"])
+        assert torch.equal(got, expected), (prompt_len, n_new)
+    assert captured == [True, False, False]
