@@ -56,6 +56,11 @@ Per row (JSON field: meaning)
   ``graph``: whether the warm call replayed a CUDA graph; ``weights``: random or their file.
 * GPU only: ``peak_mem_mb`` = the engine's weights + the peak of everything else allocated
   during its warm calls; ``weights_mb``, ``kv_cache_mb``, ``workspace_mb`` = the rest.
+* fastgpt rows: the performance model's (``benchmarks/perf_model.py``) ``bytes_per_token``,
+  ``launches_per_token`` (None without a launch counter), ``launch_overhead_us`` (per kernel in a
+  CUDA graph, measured at the start of the run; None on a CPU), ``predicted_tokens_per_s`` and
+  ``predicted_ms_per_token`` (None unless all were measured): a step far slower than predicted
+  loses time elsewhere. ``--pdl off`` adds the engine ``fastgpt-pdl-off`` (``FASTGPT_PDL=0``).
 
 Where results go
 ----------------
@@ -75,16 +80,20 @@ import time
 
 import torch
 
+from benchmarks import perf_model
 from benchmarks.common import env_override, measure_copy_bandwidth_gbs, result_header
 from benchmarks.decode_report import print_table, target_summary
 from benchmarks.run_folder import output_dir, write_json
 from fastgpt import GPTConfig
+from fastgpt.kv_cache import bucket_length
 
-ENGINES = ("hf-eager", "hf-static", "hf-static-compiled", "fastgpt-torch", "fastgpt-eager", "fastgpt")
+PDL_OFF_ENGINE = "fastgpt-pdl-off"  # the default path with programmatic dependent launch off
+ENGINES = ("hf-eager", "hf-static", "hf-static-compiled", "fastgpt-torch", "fastgpt-eager", "fastgpt", PDL_OFF_ENGINE)
 FASTGPT_ENV = {  # engine -> (FASTGPT_BACKEND, FASTGPT_CUDA_GRAPH); None: unset (auto)
     "fastgpt-torch": ("torch", "0"),
     "fastgpt-eager": (None, "0"),
     "fastgpt": (None, None),
+    PDL_OFF_ENGINE: (None, None),
 }
 #: Relative logit gap under which a greedy divergence counts as a near-tie (fp16 rounding).
 NEAR_TIE = 1e-2
@@ -126,17 +135,26 @@ def build_models(name: str, dtype: torch.dtype, device: torch.device):
     return hf, GPT.from_hf(hf), "random"
 
 
+def engine_env(engine: str, n_new: int = 2) -> dict[str, str | None]:
+    """The environment a fastgpt engine runs under (for :func:`benchmarks.common.env_override`).
+
+    A 1-token run (prefill only, for the step time) never uses a CUDA graph: it has no decode
+    step, and capturing one for its shape would only cost time and memory.
+    """
+    backend, graph = FASTGPT_ENV[engine]
+    env = dict(FASTGPT_BACKEND=backend, FASTGPT_CUDA_GRAPH="0" if n_new == 1 else graph)
+    if engine == PDL_OFF_ENGINE:
+        env["FASTGPT_PDL"] = "0"
+    return env
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def make_runner(engine: str, hf, model, ids: torch.Tensor, n_new: int):
-    """A zero-argument callable running one greedy generation of exactly ``n_new`` tokens.
-
-    A 1-token fastgpt run (prefill only, for the step time) never uses a CUDA graph: it has no
-    decode step, and capturing one for its shape would only cost time and memory.
-    """
+    """A zero-argument callable running one greedy generation of exactly ``n_new`` tokens."""
     if engine.startswith("hf"):
         kwargs = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
         if engine != "hf-eager":
@@ -145,12 +163,10 @@ def make_runner(engine: str, hf, model, ids: torch.Tensor, n_new: int):
             kwargs["disable_compile"] = engine == "hf-static"
         mask = torch.ones_like(ids)
         return lambda: hf.generate(ids, attention_mask=mask, **kwargs)
-    backend, graph = FASTGPT_ENV[engine]
-    if n_new == 1:
-        graph = "0"
+    env = engine_env(engine, n_new)
 
     def run():
-        with env_override(FASTGPT_BACKEND=backend, FASTGPT_CUDA_GRAPH=graph):
+        with env_override(**env):
             return model.generate(ids, n_new)
 
     return run
@@ -230,6 +246,32 @@ def measure_config(engines, hf, model, ids, n_new, device, repeats) -> dict[str,
     return m
 
 
+def measure_engine(engine: str, hf, model, ids, n_new: int, device, repeats: int = 1) -> dict:
+    """One engine alone (the headline stage): :func:`measure_config`'s measurements reduced to
+    ``out``, ``total_s`` (median call), ``step_s`` (median decode step), ``cold_s``, ``graph``.
+    Raises ``RuntimeError`` when the engine cannot run here."""
+    m = measure_config([engine], hf, model, ids, n_new, device, repeats)[engine]
+    if "error" in m:
+        raise RuntimeError(m["error"])
+    graph = None
+    if engine.startswith("fastgpt"):
+        graph = dict(first_call=_graph_summary(m["first"]), warm=_graph_summary(m.get("warm")))
+    return dict(out=m["out"], total_s=statistics.median(m["times"]), step_s=max(statistics.median(m["steps"]), 1e-9),
+                cold_s=m["cold_s"], graph=graph)  # fmt: skip
+
+
+def add_predictions(rows: list[dict], model, batch: int, context: float, copy_bw, launch_us) -> None:
+    """The performance model's fields (:func:`benchmarks.perf_model.prediction_fields`) on every
+    fastgpt row of one configuration, the launches counted under each engine's environment."""
+    for row in rows:
+        if row["engine"].startswith("fastgpt") and "error" not in row:
+            with env_override(**engine_env(row["engine"])):
+                launches, why = perf_model.count_launches(model, batch)
+            row.update(perf_model.prediction_fields(model, batch, context, copy_bw, launch_us, launches))
+            if why is not None:
+                row["launches_note"] = why
+
+
 def noisy_engines(times: dict[str, list[float]]) -> set[str]:
     """Engines whose [min, max] call times overlap another engine's: their order is not settled."""
     noisy = set()
@@ -306,6 +348,7 @@ def config_rows(name, source, dtype, batch, prompt_len, n_new, model, hf, m, nby
     c, item = model.config, model.dtype.itemsize
     w_mb = weights_bytes(model) / 2**20
     kv_mb = 2 * c.n_layer * batch * (prompt_len + n_new) * c.n_embd * item / 2**20
+    fastgpt_kv_mb = kv_mb * bucket_length(prompt_len + n_new, c.n_positions) / (prompt_len + n_new)  # its cache: a bucket
     ok = {e: r for e, r in m.items() if "error" not in r}
     noisy = noisy_engines({e: r["times"] for e, r in ok.items()})
     medians = {e: statistics.median(r["times"]) for e, r in ok.items()}
@@ -343,8 +386,9 @@ def config_rows(name, source, dtype, batch, prompt_len, n_new, model, hf, m, nby
                        capture_s=(r["first"] or {}).get("capture_s") or 0.0)  # fmt: skip
         if r["peak"]:
             own_weights = w_mb if engine.startswith("fastgpt") else weights_bytes(hf) / 2**20
+            own_kv = fastgpt_kv_mb if engine.startswith("fastgpt") else kv_mb
             peak = own_weights + r["peak"] / 2**20
-            row.update(peak_mem_mb=peak, weights_mb=own_weights, kv_cache_mb=kv_mb, workspace_mb=peak - own_weights - kv_mb)
+            row.update(peak_mem_mb=peak, weights_mb=own_weights, kv_cache_mb=own_kv, workspace_mb=peak - own_weights - own_kv)
         for base in ("hf-eager", "hf-static"):
             if base in medians:
                 row[f"speedup_vs_{base.replace('-', '_')}"] = medians[base] / total
@@ -363,9 +407,11 @@ def run_suite(args, save=None) -> dict:
     dtype = getattr(torch, args.dtype)
     on_gpu = device.type == "cuda"
     copy_bw = measure_copy_bandwidth_gbs(device) if on_gpu else measure_cpu_copy_bandwidth_gbs()
+    launch_us = perf_model.measure_launch_overhead_us(device)
     if not on_gpu:
         print("No GPU: CPU numbers; fastgpt runs its PyTorch backend here (the Triton kernels need a GPU).")
-    result = dict(result_header(device), copy_bandwidth_gbs=copy_bw, repeats=args.repeats, rows=[], summary=[])
+    result = dict(result_header(device), copy_bandwidth_gbs=copy_bw, launch_overhead_us=launch_us,
+                  repeats=args.repeats, rows=[], summary=[])  # fmt: skip
     rows = result["rows"]
     bar = tqdm(total=len(args.configs), desc="decode benchmark", unit="config", mininterval=2.0)
     current = None
@@ -384,7 +430,9 @@ def run_suite(args, save=None) -> dict:
             _reset_engine_state(hf)
             m = measure_config(args.engines, hf, model, ids, n_new, device, args.repeats)
             nbytes = step_bytes(model, batch, prompt_len + n_new / 2)
-            rows += config_rows(model_name, source, args.dtype, batch, prompt_len, n_new, model, hf, m, nbytes, copy_bw)
+            new = config_rows(model_name, source, args.dtype, batch, prompt_len, n_new, model, hf, m, nbytes, copy_bw)
+            add_predictions(new, model, batch, prompt_len + n_new / 2, copy_bw, launch_us)
+            rows += new
             _reset_engine_state(hf)
             result["summary"] = target_summary(rows)
             if save is not None:
@@ -429,6 +477,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", action="store_true",
                    help="write the committed reference results benchmarks/results/decode_<device>.* (on purpose only)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--pdl", choices=["on", "off"], default="on",
+                   help="off: also run fastgpt with FASTGPT_PDL=0 (engine fastgpt-pdl-off), side by side")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     if args.quick:
@@ -445,6 +495,8 @@ def parse_args(argv=None):
         args.engines = ["hf-eager", "hf-static", "fastgpt"]
         if gpu and (args.full or args.quick):
             args.engines = list(ENGINES) if args.full else ["hf-eager", "hf-static", "fastgpt-torch", "fastgpt-eager", "fastgpt"]
+    if args.pdl == "off" and PDL_OFF_ENGINE not in args.engines:
+        args.engines = [*args.engines, PDL_OFF_ENGINE]
     args.repeats = args.repeats or (1 if args.quick else 3)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")

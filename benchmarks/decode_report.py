@@ -74,6 +74,8 @@ COLUMNS = [
     ("tok/s", 10, lambda r: ("~" if r.get("noisy") else "") + f"{r['tokens_per_s']:.1f}"),
     ("spread", 8, lambda r: _pct(r.get("spread_pct"))),
     ("ms/step", 9, lambda r: f"{r['ms_per_token']:.2f}"),
+    # The performance model's step (benchmarks/perf_model.py): bytes / bandwidth + launches x cost.
+    ("model ms", 9, lambda r: "-" if r.get("predicted_ms_per_token") is None else f"{r['predicted_ms_per_token']:.2f}"),
     ("roofline", 9, lambda r: "-" if r.get("roofline_frac") is None else f"{100 * r['roofline_frac']:.1f}%"),
     ("x eager", 8, lambda r: f"{r['speedup_vs_hf_eager']:.2f}" if "speedup_vs_hf_eager" in r else "-"),
     ("x static", 9, lambda r: f"{r['speedup_vs_hf_static']:.2f}" if "speedup_vs_hf_static" in r else "-"),
@@ -105,7 +107,9 @@ def markdown_table(result: dict) -> str:
 
 def print_table(result: dict) -> None:
     bw = result["copy_bandwidth_gbs"]
+    launch = result.get("launch_overhead_us")
     print(f"\n{result['device']}  commit {result['commit']}  copy bandwidth {f'{bw:.1f}' if bw else '-'} GB/s  "
+          f"launch in a graph {f'{launch:.2f} us' if launch is not None else '-'}  "
           f"median of {result.get('repeats', '?')} warm calls per row")  # fmt: skip
     header = _aligned([h for h, _, _ in COLUMNS])
     print(header + "\n" + "-" * len(header))

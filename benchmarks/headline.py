@@ -3,7 +3,10 @@
 ``python -m benchmarks.headline``: fp16, 128-token prompt, 256 new tokens (the decode benchmark's
 target rows), in order of value: gpt2 batch 1, gpt2-xl batch 1, gpt2 batch 64. Each engine's row
 is recorded (``benchmarks.gpu_check.record``) as soon as it is measured, so a run cut short keeps
-what it finished; the fastgpt row carries the greedy match against HF eager and the speed-up.
+what it finished; the fastgpt row carries the greedy match against HF eager, the speed-up and
+the performance model's fields (``benchmarks.perf_model``: ``predicted_tokens_per_s``,
+``launches_per_token``, ``bytes_per_token``, ``launch_overhead_us``; the note row has the launch
+overhead measured in this run).
 Measurement, byte counts and the comparison are the decode benchmark's (``benchmarks.decode``).
 
 Without a GPU (the dry run) one tiny row on the CPU proves the plumbing.
@@ -16,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks import decode
+from benchmarks import decode, perf_model
 from benchmarks.common import measure_copy_bandwidth_gbs
 from benchmarks.gpu_check_log import record
 
@@ -27,7 +30,8 @@ ENGINES = ("hf-eager", "fastgpt")
 STAGE = "headline"
 
 
-def measure_row(model_name: str, batch: int, prompt_len: int, n_new: int, device, dtype, copy_gbs) -> None:
+def measure_row(model_name: str, batch: int, prompt_len: int, n_new: int, device, dtype, copy_gbs,
+                launch_us: float | None = None) -> None:  # fmt: skip
     hf, model, source = decode.build_models(model_name, dtype, device)
     torch.manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
@@ -35,26 +39,24 @@ def measure_row(model_name: str, batch: int, prompt_len: int, n_new: int, device
     base = dict(model=model_name, weights=source, dtype=str(dtype).replace("torch.", ""), batch=batch,
                 prompt_len=prompt_len, new_tokens=n_new)  # fmt: skip
     outputs, totals = {}, {}
-    for engine in ENGINES:  # one engine at a time, so each row is recorded as soon as it is measured
+    for engine in ENGINES:
         decode._reset_engine_state(hf)
         start = time.perf_counter()
         try:
-            m = decode.measure_config([engine], hf, model, ids, n_new, device, repeats=1)[engine]
-            if "error" in m:
-                raise RuntimeError(m["error"])
+            m = decode.measure_engine(engine, hf, model, ids, n_new, device, repeats=1)
         except Exception as exc:  # one engine failing (compile, OOM) is a result; the next row still runs
             record(STAGE, "headline", engine=engine, **base, error=f"{type(exc).__name__}: {exc}"[:500])
             continue
-        total_s, step_s = m["times"][0], max(m["steps"][0], 1e-9)
-        outputs[engine], totals[engine] = m["out"], total_s
-        gbs = step_bytes / step_s / 1e9
-        row = dict(engine=engine, **base, tokens_per_s=batch * n_new / total_s, ms_per_token=step_s * 1e3,
+        outputs[engine], totals[engine] = m["out"], m["total_s"]
+        gbs = step_bytes / m["step_s"] / 1e9
+        row = dict(engine=engine, **base, tokens_per_s=batch * n_new / m["total_s"], ms_per_token=m["step_s"] * 1e3,
                    first_call_s=m["cold_s"], step_gbs=gbs, roofline_frac=gbs / copy_gbs if copy_gbs else None,
-                   seconds=round(time.perf_counter() - start, 1),
-                   graph=decode._graph_summary(m.get("warm")))  # fmt: skip
+                   seconds=round(time.perf_counter() - start, 1), graph=m.get("graph"))  # fmt: skip
         if engine != "hf-eager" and "hf-eager" in outputs:
             row.update(decode.compare_greedy(m["out"], outputs["hf-eager"], prompt_len, model))
-            row["speedup_vs_hf_eager"] = totals["hf-eager"] / total_s
+            row["speedup_vs_hf_eager"] = totals["hf-eager"] / m["total_s"]
+        if engine.startswith("fastgpt"):
+            decode.add_predictions([row], model, batch, prompt_len + n_new / 2, copy_gbs, launch_us)
         record(STAGE, "headline", **row)
     decode._reset_engine_state(hf)
     del hf, model
@@ -67,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu:
         torch.set_num_threads(1)
     copy_gbs = measure_copy_bandwidth_gbs(device) if on_gpu else None
-    record(STAGE, "note", copy_bandwidth_gbs=copy_gbs)
+    launch_us = perf_model.measure_launch_overhead_us(device)
+    record(STAGE, "note", copy_bandwidth_gbs=copy_gbs, launch_overhead_us=launch_us)
     for model_name, batch, prompt_len, n_new in GPU_ROWS if on_gpu else CPU_ROWS:
-        measure_row(model_name, batch, prompt_len, n_new, device, dtype, copy_gbs)
+        measure_row(model_name, batch, prompt_len, n_new, device, dtype, copy_gbs, launch_us)
         if on_gpu:
             torch.cuda.empty_cache()
     return 0

@@ -133,15 +133,17 @@ class Session:
     def __init__(self, model, batch: int, prompt_len: int, max_new: int):
         from fastgpt.cuda_graph import GraphCache
         from fastgpt.decoder import Decoder
+        from fastgpt.kv_cache import bucket_length
         from fastgpt.settings import GenerationSettings
 
         self.device = model.device
         torch.manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=self.device)
         settings = GenerationSettings.create(model.config, prompt_len, max_new)
+        cache_len = bucket_length(prompt_len + max_new, model.config.n_positions)  # as generate() sizes it
         with torch.inference_mode():
-            self.graph, _ = GraphCache.graph_for(model, settings, batch, prompt_len + max_new, None)
-            self.decoder = self.graph.decoder if self.graph is not None else Decoder.create(model, settings, batch, prompt_len + max_new)
+            self.graph, _ = GraphCache.graph_for(model, settings, batch, cache_len, None)
+            self.decoder = self.graph.decoder if self.graph is not None else Decoder.create(model, settings, batch, cache_len)
             self.tokens = self.decoder.prefill(ids)
         self.step_fn = self.graph.step if self.graph is not None else self.decoder.step
         self.left = max_new - 1

@@ -24,10 +24,11 @@ capture time.
 Keys, persistent state, reuse
 -----------------------------
 A graph bakes in tensor addresses and launch shapes, so there is one per model (checked by its
-parameters' addresses) and per :class:`GraphKey`: batch, KV-cache length (prompt +
-max_new_tokens, not rounded: the attention's split count depends on it, and a rounded cache would
-change the summation order relative to the eager path), dtype, device, backend, number of EOS
-ids, and whether EOS is banned early (``min_new_tokens > 0``). Each :class:`DecodeGraph` owns the
+parameters' addresses) and per :class:`GraphKey`: batch, KV-cache length, dtype, device,
+backend, number of EOS ids, and whether EOS is banned early (``min_new_tokens > 0``). The cache
+length is the bucket of prompt + max_new_tokens (:func:`fastgpt.kv_cache.bucket_length`, chosen by
+the caller, ``fastgpt.generation``, for the eager path too), so calls of many lengths share a graph;
+the attention's split count depends on the cache length only, so the bucket fixes it for both paths. Each :class:`DecodeGraph` owns the
 state its graph reads and writes -- the KV cache (and the attention workspace attached to it),
 the sampling settings, seed and step, the EOS/pad ids, ``min_new_tokens``, the finished flags,
 the token buffer -- as one persistent :class:`~fastgpt.decoder.Decoder`. A later generate() with

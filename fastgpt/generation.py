@@ -26,6 +26,7 @@ from . import backend as _backend
 from .beam_search import beam_search
 from .cuda_graph import GraphCache
 from .decoder import Decoder
+from .kv_cache import bucket_length
 from .logits_processors import processors_for
 from .settings import GenerationSettings, check_prompt
 from .streaming import stream_decode
@@ -110,7 +111,8 @@ def _run(model, settings: GenerationSettings, input_ids: torch.Tensor, row_start
         stats = _backend.record_generate(
             loop="streaming", path="eager", captured=False, capture_s=0.0, reason="the host needs every token", key=None
         )
-        decoder = Decoder.create(model, settings, B, T + settings.max_new_tokens, row_start=row_start, processors=processors)
+        cache_len = bucket_length(T + settings.max_new_tokens, model.config.n_positions)
+        decoder = Decoder.create(model, settings, B, cache_len, row_start=row_start, processors=processors)
         result = stream_decode(decoder, input_ids, settings.max_new_tokens, streamer=settings.streamer,
                                output_logits=settings.output_logits)  # fmt: skip
         stats["decode_steps"] = result.decode_steps
@@ -125,19 +127,25 @@ def _run(model, settings: GenerationSettings, input_ids: torch.Tensor, row_start
 
 
 def _fast(model, settings: GenerationSettings, input_ids: torch.Tensor, row_start, processors) -> torch.Tensor:
-    """The fast loop, on the captured graph of this shape when there is one, else eagerly."""
+    """The fast loop, on the captured graph of this shape when there is one, else eagerly.
+
+    Both paths size the KV cache to the bucket of ``T + n_new`` (:func:`bucket_length`): one
+    graph serves every call whose length falls in that bucket, and the eager path, with the same
+    cache length, runs the attention with the same split count (bit-for-bit the same tokens).
+    """
     B, T = input_ids.shape
     n_new = settings.max_new_tokens
+    cache_len = bucket_length(T + n_new, model.config.n_positions)
     graph, reason = None, "logits processors hold per-call state"
     if processors is None:
         if n_new == 1:
             reason = "a single new token: no decode step"
         else:
-            graph, reason = GraphCache.graph_for(model, settings, B, T + n_new, row_start)
+            graph, reason = GraphCache.graph_for(model, settings, B, cache_len, row_start)
     if graph is not None:
         decoder, step = graph.decoder, graph.step
     else:
-        decoder = Decoder.create(model, settings, B, T + n_new, row_start=row_start, processors=processors)
+        decoder = Decoder.create(model, settings, B, cache_len, row_start=row_start, processors=processors)
         step = decoder.step
     captured = graph is not None and graph.just_captured
     stats = _backend.record_generate(

@@ -8,11 +8,38 @@ so slots before ``row_start[b]`` are padding and never attended to.
 ``pos`` is the slot of the next token to be written, kept twice: a host int for the eager
 PyTorch path (slicing without a sync) and a device tensor ``pos_tensor`` for the kernels and the
 CUDA graph (whose replays must not depend on host values).
+
+How long a generation's cache is: :func:`bucket_length` rounds ``prompt + max_new_tokens`` up to a
+bucket, so that calls of many lengths share one shape (one captured CUDA graph, one attention
+split count) at a bounded cost in unused slots.
 """
 
 from __future__ import annotations
 
 import torch
+
+__all__ = ["KVCache", "bucket_length", "BUCKET_STEP"]
+
+#: Cache lengths up to ``4 * BUCKET_STEP`` are multiples of it; above, two buckets per octave.
+BUCKET_STEP = 256
+
+
+def bucket_length(n_tokens: int, n_positions: int) -> int:
+    """The cache length for a generation of ``n_tokens`` (prompt + max_new_tokens) slots.
+
+    Rule: a multiple of ``BUCKET_STEP`` (256, 512, 768, 1024) up to 1024, then a multiple of a
+    quarter of the next power of two (1536, 2048, 3072, 4096, ...), clamped to ``n_positions``.
+    So chat-like calls at GPT-2's 1024 positions share at most 4 shapes, and the unused slots
+    are fewer than 256 or under a third of the cache (``n_tokens`` just above ``2^k`` gets
+    ``1.5 * 2^k``). The attention kernels' split count is a function of the cache length, so
+    eager and graph decoding of one call, which both use this length, sum in the same order.
+
+    Raises ``ValueError`` unless ``1 <= n_tokens <= n_positions``.
+    """
+    if not 1 <= n_tokens <= n_positions:
+        raise ValueError(f"n_tokens must be in [1, n_positions={n_positions}], got {n_tokens}")
+    step = max(BUCKET_STEP, (1 << (n_tokens - 1).bit_length()) // 4)
+    return min(-(-n_tokens // step) * step, n_positions)
 
 
 class KVCache:

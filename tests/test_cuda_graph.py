@@ -159,19 +159,19 @@ def test_busy_graph_and_processors_decode_eagerly(monkeypatch, emulated):
 def test_lru_eviction_and_invalidation_when_weights_are_replaced(monkeypatch, emulated):
     monkeypatch.setenv("FASTGPT_GRAPH_CACHE_SIZE", "2")
     _, model = pair("tiny-503")
-    ids = torch.randint(0, 503, (1, 4))
-    for n in (3, 4, 5):
-        generate_with(monkeypatch, "1", model, ids, n)
-    assert [k.max_len for k in cached_graphs(model)] == [8, 9]
-    generate_with(monkeypatch, "1", model, ids, 4)  # reuse moves it to the back
-    assert [k.max_len for k in cached_graphs(model)] == [9, 8]
+    prompts = {batch: torch.randint(0, 503, (batch, 4)) for batch in (1, 2, 3)}
+    for batch in (1, 2, 3):  # three shapes (every length shares the one bucket of tiny-503)
+        generate_with(monkeypatch, "1", model, prompts[batch], 4)
+    assert [k.batch for k in cached_graphs(model)] == [2, 3]
+    generate_with(monkeypatch, "1", model, prompts[2], 4)  # reuse moves it to the back
+    assert [k.batch for k in cached_graphs(model)] == [3, 2]
     # A replaced parameter (new storage) must not be read through a stale graph.
     with torch.no_grad():
         model.ln_f.weight = torch.nn.Parameter(model.ln_f.weight.clone() * 1.5)
-    expected, _ = generate_with(monkeypatch, "0", model, ids, 4)
-    got, stats = generate_with(monkeypatch, "1", model, ids, 4)
+    expected, _ = generate_with(monkeypatch, "0", model, prompts[2], 4)
+    got, stats = generate_with(monkeypatch, "1", model, prompts[2], 4)
     assert stats["captured"] and torch.equal(got, expected)
-    assert [k.max_len for k in cached_graphs(model)] == [8]
+    assert [k.batch for k in cached_graphs(model)] == [2]
     clear_graph_cache(model)
     assert cached_graphs(model) == []
 
