@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from . import backend as _backend
 from .config import ACTIVATIONS, GPTConfig
+from .generation import generate
 from .kv_cache import KVCache
 from .loading import convert_hf_state_dict, hf_model_weights, read_checkpoint, resolve_dtype
 
@@ -241,6 +242,4 @@ class GPT(nn.Module):
     # ---- generation ----------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """Hugging Face-compatible generation; see :func:`fastgpt.generation.generate`."""
-        import fastgpt  # the package's exported function (imported late: generation imports this module)
-
-        return fastgpt.generate(self, input_ids, max_new_tokens, **kwargs)
+        return generate(self, input_ids, max_new_tokens, **kwargs)
