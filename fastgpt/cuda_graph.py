@@ -197,9 +197,7 @@ class DecodeGraph:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=_shared_pool(self.key.device)):
-                    chosen = decoder.step(self.tokens)
-                    self.tokens.copy_(chosen)  # the next replay's input
-                del chosen  # a pool temporary: nothing keeps it between replays
+                    decoder.step_into(self.tokens)  # the next replay's input is this one's output
             finally:
                 # torch.cuda.graph leaves its capture stream current when capture_end()
                 # raises (an invalidated capture): restore the caller's stream.

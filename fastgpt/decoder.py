@@ -138,6 +138,12 @@ class Decoder:
         """One decode step: ``(B,)`` last tokens -> ``(B,)`` next tokens."""
         return self.choose(self.logits(tokens[:, None]))
 
+    def step_into(self, tokens: torch.Tensor) -> None:
+        """One decode step in place: reads the ``(B,)`` last tokens from ``tokens`` and writes the
+        next ones into it. This is what a CUDA graph captures (the next replay's input is this
+        replay's output) and what tests/test_launches.py counts."""
+        tokens.copy_(self.step(tokens))
+
     # ---- the choice -----------------------------------------------------------------------------
     def process(self, scores: torch.Tensor) -> torch.Tensor:
         """``(B, V)`` float32 scores (logits, or log-probs in beam search) after the EOS ban and
