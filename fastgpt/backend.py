@@ -173,6 +173,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: i
 
 
 # --------------------------------------------------------------------------------------------
+# Embedding
+# --------------------------------------------------------------------------------------------
+def embed(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, cache) -> torch.Tensor:
+    """``wte[ids] + wpe[positions]`` ``(B, T, C)`` at the cache's next slots, one Triton launch
+    (positions from ``cache.pos_tensor`` and ``cache.row_start`` on the device)."""
+    from fastgpt.kernels import embedding
+
+    _record("embedding", "triton")
+    return embedding.embed(ids, wte, wpe, cache.pos_tensor, cache.row_start)
+
+
+# --------------------------------------------------------------------------------------------
 # Next-token selection
 # --------------------------------------------------------------------------------------------
 class SamplingState:

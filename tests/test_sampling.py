@@ -750,7 +750,12 @@ PTR = {
     "cmax_ptr": "*fp32", "csum_ptr": "*fp32", "carg_ptr": "*i32", "ctheta_ptr": "*i32", "ccount_ptr": "*i32",
     "cgum_ptr": "*fp32", "cgidx_ptr": "*i32", "cval_ptr": "*fp32", "cidx_ptr": "*i32", "sval_ptr": "*fp32",
     "sidx_ptr": "*i32", "path_ptr": "*i32", "out_ptr": "*i64", "cflag_ptr": "*i32", "status_ptr": "*i32",
+    "eos_ptr": "*i64", "n_gen_ptr": "*i64", "min_new_ptr": "*i64", "pad_ptr": "*i64", "finished_ptr": "*i1",
+    "pos_ptr": "*i32", "arrive_ptr": "*i32",
 }
+# The decode step's launch: EOS ban, EOS bookkeeping, counters and PDL all on (the superset).
+STEP_FLAGS = {"_chunk_kernel": {"BAN_EOS": True, "USE_PDL": True},
+              "_row_kernel": {"HAS_EOS": True, "ADVANCE": True, "USE_PDL": True}}
 # Contiguous (B,) settings and out: the strides a real launch passes as 1 (Triton specialises an
 # int argument equal to 1 into a constexpr); the row stride is V, never 1 for a real vocabulary.
 UNIT_STRIDES = ("stride_temp", "stride_topk", "stride_topp", "stride_minp", "stride_out")
@@ -760,6 +765,7 @@ for name, constexprs, num_warps, logit_dtype, step_dtype, ones in json.loads(sys
     kernel = getattr(S if hasattr(S, name) else N, name)
     ptr = dict(PTR, out_ptr="*fp32") if name == "_noise_kernel" else PTR  # the noise is float32
     signature = {}
+    constexprs = dict(constexprs, **STEP_FLAGS.get(name, {}))
     if ones:  # the unit strides of a real launch
         constexprs = dict(constexprs, **{p.name: 1 for p in kernel.params if p.name in UNIT_STRIDES})
     for arg in kernel.arg_names:
@@ -774,7 +780,9 @@ for name, constexprs, num_warps, logit_dtype, step_dtype, ones in json.loads(sys
         else:
             signature[arg] = "i32"
     compiled = compile_for_hopper(kernel, signature, constexprs, num_warps, 1)
-    results.append([compiled.metadata.shared, spill_bytes(compiled.asm["cubin"])])
+    ptx = compiled.asm["ptx"]
+    pdl = ["griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx]
+    results.append([compiled.metadata.shared, spill_bytes(compiled.asm["cubin"]), pdl])
 print(json.dumps(results))
 """
 
@@ -812,9 +820,13 @@ def test_every_config_compiles_for_sm90():
     for half, proc in zip(halves, procs):
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-4000:]
-        for job, (shared, spills) in zip(half, json.loads(stdout.strip().splitlines()[-1])):
+        for job, (shared, spills, (waits, triggers)) in zip(half, json.loads(stdout.strip().splitlines()[-1])):
             assert shared <= H100_SHARED_MEMORY_BYTES, (job, shared)
             assert spills == 0, f"{spills} bytes of register spills (stack/local memory) in {job}"
+            if job[0] == "_chunk_kernel":  # PDL: waits for the LM head (dependents launch at its end)
+                assert waits, f"no griddepcontrol.wait in the sm_90 PTX of {job}"
+            if job[0] == "_row_kernel":  # PDL: waits for pass 1, lets the next step's embedding launch
+                assert waits and triggers, f"griddepcontrol wait/launch_dependents missing in the PTX of {job}"
 
 
 def test_configs_cover_every_vocab():
