@@ -18,7 +18,9 @@ hooks on the blocks (``model.h[i]``); everything else (embedding, ln_f + LM head
 the step's bookkeeping) is "outside".
 
 What is counted is exactly what a CUDA graph captures (:meth:`fastgpt.decoder.Decoder.step_into`),
-taken eagerly after one warm-up step (workspaces allocated). ``host_syncs`` counts the ops that
+taken eagerly after one warm-up step (workspaces allocated). With ``run_kernels=False`` (the
+default) the Triton kernels are launched but not executed: a launch count does not depend on the
+values computed, and the Triton interpreter would spend minutes on gpt2-xl's 48 layers. ``host_syncs`` counts the ops that
 read device data back to the host (``.item()``, ``bool(t)``, data-dependent shapes); it must be 0.
 
 Used by tests/test_launches.py (the budget: gpt2 <= 64, gpt2-xl <= 244) and by the benchmarks
@@ -83,6 +85,7 @@ class LaunchCounter(TorchDispatchMode):
         self.counts: Counter = Counter()
         self.host_syncs: Counter = Counter()
         self.region = "outside"
+        self.on = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -108,8 +111,9 @@ class LaunchCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _counting_triton(counter: LaunchCounter):
-    """Wrap the Triton launch path (compiled and interpreted) so each launch is noted."""
+def _watching_triton(counter: LaunchCounter, run_kernels: bool):
+    """Wrap the Triton launch path (compiled and interpreted): while ``counter.on``, each launch
+    is noted; with ``run_kernels=False`` no kernel executes (the launchers' Python still runs)."""
     from triton.runtime.jit import JITFunction
 
     classes = [JITFunction]
@@ -125,7 +129,10 @@ def _counting_triton(counter: LaunchCounter):
         def run(self, *args, grid, warmup, **kwargs):
             if warmup:
                 return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-            counter.note_triton(self)
+            if counter.on:
+                counter.note_triton(self)
+            if not run_kernels:
+                return None
             with _disable_current_modes():  # the launch's own tensor handling is not a launch
                 return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -161,7 +168,7 @@ def _layer_regions(model, counter: LaunchCounter):
             handle.remove()
 
 
-def structure_model(name: str, *, vocab: int = 257, n_positions: int = 64, device="cpu", dtype=torch.float32):
+def structure_model(name: str, *, vocab: int = 257, n_positions: int = 64, device="cpu", dtype=torch.float16):
     """A random fastgpt GPT with the layer structure of ``name`` (``STRUCTURES``): the same number
     of layers, head_dim 64, one head (width 64), a tiny vocabulary -- the same launches per step."""
     from fastgpt import GPT
@@ -179,6 +186,7 @@ def count_decode_launches(
     batch: int = 1,
     prompt_len: int = 4,
     max_new_tokens: int = 8,
+    run_kernels: bool = False,
     **options,
 ) -> dict:
     """The launches of ONE decode step of ``model`` (what a CUDA graph captures), counted.
@@ -187,6 +195,8 @@ def count_decode_launches(
     ----------
     model : fastgpt.GPT (any device; the backend is ``FASTGPT_BACKEND``'s choice for it).
     batch, prompt_len, max_new_tokens : the generation the step belongs to.
+    run_kernels : execute the Triton kernels (False: only their launchers run -- the count is the
+        same, since no launch depends on computed values; the interpreter is slow).
     **options : generation options (``do_sample``, ``temperature``, ``top_k``, ``eos_token_id``,
         ``min_new_tokens``, ``seed``, ...), as ``generate`` takes them.
 
@@ -204,11 +214,14 @@ def count_decode_launches(
     decoder = Decoder.create(model, settings, batch, prompt_len + max_new_tokens)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).to(model.device)
-    tokens = decoder.prefill(ids).clone()
-    decoder.step_into(tokens)  # warm-up: the first step allocates the eager workspaces
     counter = LaunchCounter()
-    with _layer_regions(model, counter), _counting_triton(counter), counter:
-        decoder.step_into(tokens)
+    with _watching_triton(counter, run_kernels):
+        tokens = decoder.prefill(ids).clone()
+        decoder.step_into(tokens)  # warm-up: the first step allocates the eager workspaces
+        with _layer_regions(model, counter), counter:
+            counter.on = True
+            decoder.step_into(tokens)
+            counter.on = False
     regions = counter.per_region()
     n_layer = len(model.h)
     per_layer = [regions.get(f"layer {i}", 0) for i in range(n_layer)]
