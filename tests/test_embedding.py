@@ -90,3 +90,22 @@ def test_bad_input_raises_before_any_launch(change, error, message):
     with pytest.raises(error, match=message):
         embedding.embed(args.pop("ids"), args.pop("wte"), args.pop("wpe"), args.pop("cache_pos"), args.pop("row_start"), **args)
     assert "embedding" not in launch_record()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_compiles_for_sm90_with_programmatic_dependent_launch(dtype):
+    """The GPU build (USE_PDL on): the token and position are read after griddepcontrol.wait (the
+    previous step's sampler wrote them) and dependents are released before the store."""
+    from fastgpt.kernels.utils import compile_for_hopper, triton_dtype
+
+    ptr = "*" + triton_dtype(dtype)
+    signature = {
+        "ids_ptr": "*i64", "stride_ib": "i32", "stride_it": "i32", "T": "i32", "wte_ptr": ptr, "n_vocab": "i32",
+        "wpe_ptr": ptr, "n_pos": "i32", "cache_pos_ptr": "*i32", "row_start_ptr": "*i32", "out_ptr": ptr, "C": "i32",
+        "BLOCK": "constexpr", "USE_PDL": "constexpr",
+    }  # fmt: skip
+    compiled = compile_for_hopper(embedding._embedding_kernel, signature, {"BLOCK": 1024, "USE_PDL": True}, 4, 1)
+    ptx = compiled.asm["ptx"]
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    plain = compile_for_hopper(embedding._embedding_kernel, signature, {"BLOCK": 1024, "USE_PDL": False}, 4, 1)
+    assert "griddepcontrol" not in plain.asm["ptx"]
