@@ -8,9 +8,11 @@ layers are ``nn.Linear``: HF's Conv1D stores the transpose.
 Attention, the projections and the LayerNorms go through ``fastgpt.backend`` (``attention``,
 ``ln_linear``, ``residual_linear``), the boundary where the Triton kernels replace the PyTorch
 reference. The residual stream travels as ``(x, delta)``: ``delta`` is an update not yet added
-(the position embedding, or a projection that ran on cuBLAS), added by the next LayerNorm. With
-the Triton backend at decode sizes a layer is 4 launches + attention: LN1 + QKV + bias, out-proj
-+ bias + residual, LN2 + FC + bias + GELU, proj + bias + residual (see ``kernels/linear.py``).
+(the position embedding with the PyTorch backend, or a projection that ran on cuBLAS), added by
+the next LayerNorm. With the Triton backend the embedding is one launch (``wte + wpe``,
+``kernels/embedding.py``) and at decode sizes a layer is 4 launches + attention: LN1 + QKV +
+bias, out-proj + bias + residual, LN2 + FC + bias + GELU, proj + bias + residual (see
+``kernels/linear.py``); tests/test_launches.py counts them.
 """
 
 from __future__ import annotations
