@@ -203,16 +203,16 @@ def _hf_generate(hf, ids, n_new, mask=None, **options):
 
 
 def test_triton_step_matches_hf_greedy(triton_eager):
-    hf, model = pair("hd64-1001")
-    ids = torch.randint(0, 1001, (2, 5), generator=torch.Generator().manual_seed(1))
+    hf, model = pair("hd64-257")
+    ids = torch.randint(0, 257, (2, 5), generator=torch.Generator().manual_seed(1))
     expected = _hf_generate(hf, ids, 8, pad_token_id=0)
     assert torch.equal(model.generate(ids, 8), expected)
     _assert_fused_step_ran(eos=False, ban=False)
 
 
 def test_triton_step_matches_hf_with_several_eos_ids_and_min_new_tokens(triton_eager):
-    hf, model = pair("hd64-1001")
-    ids = torch.randint(0, 1001, (2, 4), generator=torch.Generator().manual_seed(2))
+    hf, model = pair("hd64-257")
+    ids = torch.randint(0, 257, (2, 4), generator=torch.Generator().manual_seed(2))
     free = _hf_generate(hf, ids, 10, pad_token_id=0)
     # Row 0's 3rd token and row 1's 5th token are EOS ids: rows finish at different steps.
     eos = [int(free[0, 4 + 2]), int(free[1, 4 + 4])]
@@ -230,8 +230,8 @@ def test_triton_step_matches_hf_with_several_eos_ids_and_min_new_tokens(triton_e
 def test_triton_step_matches_hf_on_a_left_padded_batch(triton_eager):
     from tests.helpers import left_padded
 
-    hf, model = pair("hd64-1001")
-    ids, mask = left_padded(1001, [6, 3, 1], pad_id=0, seed=3)
+    hf, model = pair("hd64-257")
+    ids, mask = left_padded(257, [6, 3, 1], pad_id=0, seed=3)
     free = _hf_generate(hf, ids, 6, mask, pad_token_id=0)
     eos = [int(free[1, 6 + 1])]
     expected = _hf_generate(hf, ids, 6, mask, pad_token_id=0, eos_token_id=eos)
@@ -255,11 +255,11 @@ def test_triton_sampling_matches_the_torch_backend_drawing_the_same_noise(monkey
         noise = gumbel_noise(x.shape[0], x.shape[1], torch.tensor([seed]), step.reshape(1))
         return (x + noise).argmax(dim=-1)
 
-    _, model = pair("hd64-1001")
-    ids = torch.randint(0, 1001, (2, 4), generator=torch.Generator().manual_seed(4))
+    _, model = pair("hd64-257")
+    ids = torch.randint(0, 257, (2, 4), generator=torch.Generator().manual_seed(4))
     monkeypatch.setenv("FASTGPT_BACKEND", "triton")
     free = model.generate(ids, 10, **options)  # EOS ids the rows do draw
-    eos = [int(free[0, 4 + 3]), int(free[1, 4 + 6]), 1000]
+    eos = [int(free[0, 4 + 3]), int(free[1, 4 + 6]), 256]
     monkeypatch.setenv("FASTGPT_CUDA_GRAPH", "0")
     results = {}
     for backend in ("torch", "triton"):
