@@ -38,12 +38,14 @@ Per row (JSON field: meaning)
   configuration, so this run does not establish their order (the table marks it ``~``).
   With ``--repeats 1`` (``--quick``) there is no spread: ``spread_pct`` and ``noisy`` are None.
 * ``ms_per_token``: one decode step, the median over rounds of ``(t(n) - t(1)) / (n - 1)`` from
-  the round's n-token and 1-token calls (prefill cancels out); ``ms_per_token_e2e`` = ``t(n) / n``.
+  the round's n-token and 1-token calls (prefill cancels out), ``ms_per_token_min`` / ``_max``
+  over the rounds; ``ms_per_token_e2e`` = ``t(n) / n``.
 * ``step_bytes``: what one decode step must read -- every weight once (of the position table the
   ``B`` rows used) plus the live K and V of every layer at the mean context
   ``prompt_len + new_tokens / 2``; ``step_gbs`` = step_bytes / step time; ``roofline_frac`` =
   step_gbs / ``copy_bandwidth_gbs``, the copy bandwidth (bytes read + written per second of a
-  large ``dst.copy_(src)``) measured at the start of the same run on the same device.
+  large ``dst.copy_(src)``) measured in the same run on the same device (GPU: median of 20 1 GiB
+  copies at the start; CPU: the fastest of 10 256 MiB copies at the start and at the end).
 * ``speedup_vs_hf_eager`` / ``speedup_vs_hf_static``: that engine's median call time over this
   engine's, same configuration, same run.
 * ``greedy_match``: tokens identical to HF eager's; ``match_prefix_min``: new tokens equal before
@@ -239,16 +241,17 @@ def noisy_engines(times: dict[str, list[float]]) -> set[str]:
 
 
 def measure_cpu_copy_bandwidth_gbs(n_bytes: int = 1 << 28) -> float:
-    """CPU memory copy bandwidth in GB/s (bytes read + written), median of 5 copies."""
+    """CPU memory copy bandwidth in GB/s (bytes read + written): the fastest of 10 copies of
+    256 MiB, since on a shared machine other jobs only ever slow a copy down."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32).normal_()
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
-    for _ in range(5):
+    for _ in range(10):
         start = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - start)
-    return 2 * n_bytes / statistics.median(times) / 1e9
+    return 2 * n_bytes / min(times) / 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +328,8 @@ def config_rows(name, source, dtype, batch, prompt_len, n_new, model, hf, m, nby
             repeats=len(r["times"]),
             times_s=r["times"],
             ms_per_token=step * 1e3,
+            ms_per_token_min=max(min(r["steps"]), 1e-9) * 1e3,
+            ms_per_token_max=max(max(r["steps"]), 1e-9) * 1e3,
             ms_per_token_e2e=total / n_new * 1e3,
             first_call_s=r["cold_s"],
             step_bytes=nbytes,
@@ -386,6 +391,11 @@ def run_suite(args, save=None) -> dict:
                 save(result)
         bar.update(1)
     bar.close()
+    if not on_gpu:  # measured again at the end: the faster of the two (a busy start only slows it)
+        result["copy_bandwidth_gbs"] = max(copy_bw, measure_cpu_copy_bandwidth_gbs())
+        for row in rows:
+            if row.get("step_gbs") is not None:
+                row["roofline_frac"] = row["step_gbs"] / result["copy_bandwidth_gbs"]
     return result
 
 

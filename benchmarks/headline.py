@@ -35,22 +35,26 @@ def measure_row(model_name: str, batch: int, prompt_len: int, n_new: int, device
     base = dict(model=model_name, weights=source, dtype=str(dtype).replace("torch.", ""), batch=batch,
                 prompt_len=prompt_len, new_tokens=n_new)  # fmt: skip
     outputs, totals = {}, {}
-    for engine in ENGINES:
+    for engine in ENGINES:  # one engine at a time, so each row is recorded as soon as it is measured
         decode._reset_engine_state(hf)
         start = time.perf_counter()
         try:
-            m = decode.measure_engine(engine, hf, model, ids, n_new, device, repeats=1)
+            m = decode.measure_config([engine], hf, model, ids, n_new, device, repeats=1)[engine]
+            if "error" in m:
+                raise RuntimeError(m["error"])
         except Exception as exc:  # one engine failing (compile, OOM) is a result; the next row still runs
             record(STAGE, "headline", engine=engine, **base, error=f"{type(exc).__name__}: {exc}"[:500])
             continue
-        outputs[engine], totals[engine] = m["out"], m["total_s"]
-        gbs = step_bytes / m["step_s"] / 1e9
-        row = dict(engine=engine, **base, tokens_per_s=batch * n_new / m["total_s"], ms_per_token=m["step_s"] * 1e3,
+        total_s, step_s = m["times"][0], max(m["steps"][0], 1e-9)
+        outputs[engine], totals[engine] = m["out"], total_s
+        gbs = step_bytes / step_s / 1e9
+        row = dict(engine=engine, **base, tokens_per_s=batch * n_new / total_s, ms_per_token=step_s * 1e3,
                    first_call_s=m["cold_s"], step_gbs=gbs, roofline_frac=gbs / copy_gbs if copy_gbs else None,
-                   seconds=round(time.perf_counter() - start, 1), graph=m.get("graph"))  # fmt: skip
+                   seconds=round(time.perf_counter() - start, 1),
+                   graph=decode._graph_summary(m.get("warm")))  # fmt: skip
         if engine != "hf-eager" and "hf-eager" in outputs:
             row.update(decode.compare_greedy(m["out"], outputs["hf-eager"], prompt_len, model))
-            row["speedup_vs_hf_eager"] = totals["hf-eager"] / m["total_s"]
+            row["speedup_vs_hf_eager"] = totals["hf-eager"] / total_s
         record(STAGE, "headline", **row)
     decode._reset_engine_state(hf)
     del hf, model

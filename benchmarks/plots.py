@@ -12,7 +12,7 @@ the dtype, the weights (random or real) and the fastgpt backend that ran:
   ``step_bytes`` at the copy bandwidth measured in the same run (``B / (bytes / bandwidth)``).
 * ``<prefix>_ms_per_token.png`` (a model measured at two or more context lengths): ms per decode
   step against the mean context (``prompt + new_tokens / 2``) at the smallest batch, one line per
-  engine, with the roofline's ms per step.
+  engine (whiskers: the rounds' fastest and slowest step), with the roofline's ms per step.
 
 ``python -m benchmarks.plots results.json`` redraws them from a results file.
 """
@@ -142,16 +142,19 @@ def plot_ms_vs_context(plt, result: dict, rows: list[dict], panels: list, path: 
     for ax, (model, batch, brows) in zip(axes[0], panels):
         by_engine = defaultdict(dict)
         for r in brows:
-            by_engine[r["engine"]][r["prompt_len"] + r["new_tokens"] / 2] = r["ms_per_token"]
+            by_engine[r["engine"]][r["prompt_len"] + r["new_tokens"] / 2] = r
         for engine, points in by_engine.items():
             xs = sorted(points)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=engine)
+            ys = [points[x]["ms_per_token"] for x in xs]
+            err = [[y - points[x].get("ms_per_token_min", y) for x, y in zip(xs, ys)],
+                   [points[x].get("ms_per_token_max", y) - y for x, y in zip(xs, ys)]]  # fmt: skip
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=engine)
         if bw:
             roof = sorted({(r["prompt_len"] + r["new_tokens"] / 2, r["step_bytes"] / (bw * 1e9) * 1e3) for r in brows})
             ax.plot([p[0] for p in roof], [p[1] for p in roof], "k--", label=f"roofline ({bw:.0f} GB/s copy)")
         ax.set_ylim(bottom=0)
         ax.set_xlabel("mean context length (prompt + new tokens / 2)")
-        ax.set_ylabel("ms per decode step")
+        ax.set_ylabel("ms per decode step (median, whisker: min..max)")
         ax.set_title(f"{model}: batch {batch}", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)

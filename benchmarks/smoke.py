@@ -393,7 +393,7 @@ def graph_node_count(model) -> int | None:
 
     from fastgpt import cuda_graph
 
-    graphs = getattr(cuda_graph, "_REGISTRY", {}).get(model)
+    graphs = cuda_graph.GraphCache.of(model, create=False)
     entries = list(graphs.entries.values()) if graphs is not None else []
     graph = getattr(entries[-1], "_graph", None) if entries else None
     if graph is None:
@@ -411,11 +411,22 @@ def graph_node_count(model) -> int | None:
     return int(count.value) if rc == 0 else None
 
 
+@contextlib.contextmanager
+def _emulated_graphs():
+    import pytest
+
+    from tests.helpers import emulate_graph_replay
+
+    with pytest.MonkeyPatch.context() as patch:
+        emulate_graph_replay(patch)
+        yield
+
+
 def check_graph_replay(s: Shapes, device) -> dict:
     """32 greedy steps with the decode step as a CUDA graph (emulated on the CPU) equal to eager."""
     from benchmarks.common import env_override
     from fastgpt import GPT, GPTConfig
-    from fastgpt.cuda_graph import clear_graph_cache, last_generate_stats
+    from fastgpt import clear_graph_cache, last_generate_stats
 
     model = GPT.from_config(GPTConfig(**s.graph_model), dtype=s.dtype, device=device, seed=0)
     with torch.no_grad():  # wider than GPT-2's init, so greedy decoding does not repeat one token
@@ -424,13 +435,17 @@ def check_graph_replay(s: Shapes, device) -> dict:
                 p.normal_(0.0, 0.08)
     torch.manual_seed(3)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), device=device)
-    graph_mode = "1" if device.type == "cuda" else "emulate"
+    on_gpu = device.type == "cuda"
+    graph_mode = "1" if on_gpu else "emulated"
     clear_graph_cache()
     with env_override(FASTGPT_CUDA_GRAPH="0"):
         eager = model.generate(ids, GRAPH_STEPS)
     # Keep the captured cudaGraph_t (to count its nodes) where this torch can (keep_graph, 2.8+).
     keep = mock.patch.object(torch.cuda, "CUDAGraph", _KeptGraph) if _CAN_KEEP_GRAPH else contextlib.nullcontext()
-    with env_override(FASTGPT_CUDA_GRAPH=graph_mode), keep:
+    # On the CPU (the dry run) the capture/replay is replaced the way the tests do it: the same
+    # persistent state and bookkeeping, each replay an eager call of the captured step.
+    emulate = contextlib.nullcontext() if on_gpu else _emulated_graphs()
+    with env_override(FASTGPT_CUDA_GRAPH="1"), keep, emulate:
         graphed = model.generate(ids, GRAPH_STEPS)
         stats = last_generate_stats()
         try:

@@ -306,13 +306,12 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # Layer ops: LayerNorm with a residual add, linear with fused LayerNorm / bias / GELU / residual
 # --------------------------------------------------------------------------------------------
-__all__ += ["LINEAR_ACTIVATIONS", "HF_ACTIVATIONS", "add_layernorm", "linear"]
+__all__ += ["LINEAR_ACTIVATIONS", "add_layernorm", "linear"]
 
 #: The one GELU table. Activations a fused linear may apply, by name -> ``F.gelu``'s
-#: ``approximate`` argument. GPT-2 uses ``"gelu_tanh"`` (Hugging Face's ``gelu_new``).
+#: ``approximate`` argument. GPT-2 uses ``"gelu_tanh"`` (Hugging Face's ``gelu_new``; the HF
+#: names map onto these in ``fastgpt.config.ACTIVATIONS``, the kernels' codes derive from it).
 LINEAR_ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}
-#: Hugging Face's ``activation_function`` names -> the names of :data:`LINEAR_ACTIVATIONS`.
-HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
 def add_layernorm(

@@ -105,7 +105,9 @@ def test_dry_run_rows_of_each_stage(dry_run):
     assert engines["fastgpt"]["greedy_match"] is True and engines["fastgpt"]["tokens_per_s"] > 0
     (tests,) = run["tests"]
     assert tests["file"] == gc.test_files(cuda_only=True)[0] and tests["status"] == "ok"
-    assert sum(tests["counts"].values()) > 0 and set(tests["counts"]) <= {"skipped", "passed"}  # no GPU: skipped
+    # No GPU: conftest deselects the CUDA-only tests (one summary line), so none ran and none failed;
+    # the parsing of real per-test lines is tested on recorded pytest output below.
+    assert set(tests["counts"]) <= {"skipped", "passed"}
     attention = [name for name in run["benchmarks"] if name.startswith("attention")]
     assert attention and all(run["benchmarks"][name]["rows"] for name in attention)
     assert all(run["benchmarks"][name]["device"].startswith("cpu") for name in attention)
