@@ -5,7 +5,9 @@ cache of ``L`` slots: batch {1, 8, 64} x heads {12, 25} x ``L`` {128, 1024, 8192
 :func:`fastgpt.kernels.attention_decode.decode_attention` (it also appends the token's K/V to the
 cache); ``sdpa`` is ``F.scaled_dot_product_attention`` of the query over the ``L`` cached keys,
 with the flash backend forced where it accepts the case (else the default backend; the row
-records which); ``reference`` is ``fastgpt.reference.attention``. Reported: microseconds, K/V
+records which); ``reference`` is ``fastgpt.reference.attention``; ``fastgpt_partials`` is the
+decode step's form (``combine=False``: the split kernel alone, the combine happens in the
+out-projection GEMV, see benchmarks/linear.py's ``triton_combine`` column). Reported: microseconds, K/V
 bandwidth (``2 * B * H * L * D * 2`` bytes read / time) in GB/s and as a fraction of the
 device-to-device copy bandwidth measured in the same run. Timing: benchmarks/attention_common.py.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.attention_common import (
-    HEAD_DIM, cell, derive_common, fmt, fused_qkv, main_of, measure, pick_sdpa_backend, print_summary, result, sdpa_fn,
+    HEAD_DIM, best_us, cell, derive_common, fmt, fused_qkv, main_of, measure, pick_sdpa_backend, print_summary, result, sdpa_fn,
     setup,
 )
 
@@ -44,6 +46,8 @@ def decode_case(B, H, L, dtype, device, iters) -> dict:
     backend = pick_sdpa_backend(qt, k_cache, v_cache, causal=False)
     fns = {
         "fastgpt": lambda: AD.decode_attention(q, k, v, k_cache, v_cache, pos, row_start, workspace, out=out),
+        # The decode step's form: split partials only, the combine left to the out-projection GEMV.
+        "fastgpt_partials": lambda: AD.decode_attention(q, k, v, k_cache, v_cache, pos, row_start, workspace, combine=False),
         "sdpa": sdpa_fn(qt, k_cache, v_cache, False, backend),
         "reference": lambda: reference.attention(q, k, v, k_cache, v_cache, L - 1, None),
     }
@@ -57,6 +61,7 @@ def decode_case(B, H, L, dtype, device, iters) -> dict:
 def derive(row: dict, copy_bw: float | None) -> None:
     """Bandwidth and speed-up columns from the times."""
     ours, sdpa = derive_common(row)
+    row["fastgpt_partials_us"] = best_us(row["times"]["fastgpt_partials"]) if "fastgpt_partials" in row["times"] else None
     row["gbs"] = row["kv_bytes"] / (ours * 1e-6) / 1e9 if ours else None
     row["sdpa_gbs"] = row["kv_bytes"] / (sdpa * 1e-6) / 1e9 if sdpa else None
     row["copy_frac"] = row["gbs"] / copy_bw if row["gbs"] and copy_bw else None

@@ -1,6 +1,6 @@
 """cuBLAS against the fused Triton GEMV on GPT-2's decode shapes.
 
-``python -m benchmarks.linear [--quick]``. fp16, M (= batch at decode) in {1, 8}, the four layer
+``python -m benchmarks.linear [--quick | --dry-run]``. fp16, M (= batch at decode) in {1, 8}, the four layer
 projections of GPT-2 small and XL (the LM heads too without ``--quick``), each with the epilogue
 it has in the model (ln_1 + QKV + bias; out-proj + bias + residual; ln_2 + FC + bias + GELU;
 proj + bias + residual; ln_f + LM head). Per shape:
@@ -11,6 +11,13 @@ proj + bias + residual; ln_f + LM head). Per shape:
   measured in the same run (``copy_bandwidth_gbs``, read + write bytes, as in benchmarks.common);
 * ``fused``: the op as the model runs it -- :func:`kernels.linear.cublas_linear` (LayerNorm
   kernel + cuBLAS + torch epilogue) vs the one fused GEMV launch;
+* ``triton_fused_nopdl``: the fused op with programmatic dependent launch off (``FASTGPT_PDL=0``;
+  the timed graph chains ``REPS`` dependent calls, so PDL's overlap of one call's weight stream
+  with the previous call's tail shows as the difference);
+* ``triton_combine`` (out-projection only): the op as a decode step runs it, its ``x`` combined
+  in the prologue from the decode attention's split partials (B = M, head_dim 64, a 1024-slot
+  cache at :func:`~fastgpt.kernels.attention_decode.decode_num_splits` splits, every split valid),
+  PDL on and off;
 * ``plan``: what :func:`fastgpt.kernels.linear_plan.plan` measures and chooses for the shape (without
   ``--quick``, with ``FASTGPT_LINEAR=tune``: every tile at two splits; ``--quick`` uses the
   default Triton config to keep the compile count down).
@@ -22,7 +29,9 @@ reads its weight from HBM, as in a real decode step. Median of several replays /
 Targets (``summary``): the bare Triton GEMV reads at >= 70% of the copy bandwidth at M = 1 on
 GPT-2 small's four shapes (small matrices are launch-latency bound; read the numbers, not only
 the flag) and >= 80% on GPT-2 XL's FC; the fused op is not slower than the cuBLAS path.
-Without a GPU it prints that it needs one and exits 0.
+Without a GPU it prints that it needs one and exits 0; ``--dry-run`` instead runs every column on
+tiny shapes (C = 128, vocabulary 301, M in {1, 2}) under the Triton interpreter on the CPU,
+checks the Triton results against the cuBLAS path's and writes nothing (what CI runs).
 """
 
 from __future__ import annotations
@@ -34,12 +43,13 @@ import sys
 
 import torch
 
-from benchmarks.common import measure_copy_bandwidth_gbs, result_header, time_gpu, write_results
+from benchmarks.common import env_override, measure_copy_bandwidth_gbs, result_header, time_gpu, write_results
 
-#: (model, op, N, K, epilogue) at GPT-2 small (C = 768) and XL (C = 1600).
-def shapes(include_lm_head: bool) -> list[tuple[str, str, int, int, str]]:
+#: (model, op, N, K, epilogue) at GPT-2 small (C = 768) and XL (C = 1600); ``dry_run``: C = 128.
+def shapes(include_lm_head: bool, dry_run: bool = False) -> list[tuple[str, str, int, int, str]]:
     out = []
-    for model, C in (("gpt2", 768), ("gpt2-xl", 1600)):
+    vocab = 301 if dry_run else 50257
+    for model, C in (("tiny", 128),) if dry_run else (("gpt2", 768), ("gpt2-xl", 1600)):
         out += [
             (model, "qkv", 3 * C, C, "ln+bias"),
             (model, "attn_proj", C, C, "bias+residual"),
@@ -47,7 +57,7 @@ def shapes(include_lm_head: bool) -> list[tuple[str, str, int, int, str]]:
             (model, "mlp_proj", C, 4 * C, "bias+residual"),
         ]
         if include_lm_head:
-            out.append((model, "lm_head", 50257, C, "ln"))
+            out.append((model, "lm_head", vocab, C, "ln"))
     return out
 
 
@@ -55,23 +65,43 @@ REPS_MIN = 24
 REPLAYS = 7
 
 
-def _graph_us(fn, n_calls: int) -> float:
-    """Median microseconds per call of ``fn(i)`` for i in range(n_calls), replayed from one graph."""
-    us = time_gpu(lambda: [fn(i) for i in range(n_calls)], warmup=1, iters=REPLAYS, graph=True)
+def _graph_us(fn, n_calls: int, *, pdl: bool = True) -> float:
+    """Median microseconds per call of ``fn(i)`` for i in range(n_calls), replayed from one graph
+    (on the CPU: wall-clock of one eager pass), with programmatic dependent launch on or off."""
+    with env_override(FASTGPT_PDL="1" if pdl else "0"):
+        on_gpu = torch.cuda.is_available()
+        us = time_gpu(lambda: [fn(i) for i in range(n_calls)], warmup=1 if on_gpu else 0, iters=REPLAYS if on_gpu else 1, graph=on_gpu)
     if us is None:
         raise RuntimeError("the linear op could not be captured in a CUDA graph")
     return us / n_calls
 
 
-def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16) -> dict:
+def _attention_partials(M: int, C: int, dev: torch.device, dtype: torch.dtype):
+    """Decode attention partials for ``M`` rows of ``C = H * 64`` features (the out-projection's x)."""
+    import fastgpt.kernels.attention_decode as AD
+
+    H, D, S_max = C // 64, 64, 1024
+    q, k, v = torch.randn(M, 1, 3, H, D, device=dev, dtype=dtype).unbind(2)
+    k_cache = torch.randn(M, H, S_max, D, device=dev, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    workspace = AD.decode_workspace(M, H, D, S_max, dev)
+    pos = torch.tensor([S_max - 1], dtype=torch.int32, device=dev)
+    row_start = torch.zeros(M, dtype=torch.int32, device=dev)
+    return AD.decode_attention(q, k, v, k_cache, v_cache, pos, row_start, workspace, combine=False)
+
+
+def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16, dry_run=False) -> dict:
     import fastgpt.kernels.linear as KL
     import fastgpt.kernels.linear_plan as LP
 
-    dev = torch.device("cuda")
-    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20) or 50 * 2**20
-    w_bytes = N * K * 2
-    n_copies = max(2, math.ceil(3 * l2 / w_bytes))
-    n_calls = max(REPS_MIN, n_copies)
+    dev = torch.device("cpu" if dry_run else "cuda")
+    if dry_run:
+        dtype, quick, w_bytes, n_copies, n_calls = torch.float32, True, N * K * 4, 1, 1
+    else:
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20) or 50 * 2**20
+        w_bytes = N * K * 2
+        n_copies = max(2, math.ceil(3 * l2 / w_bytes))
+        n_calls = max(REPS_MIN, n_copies)
     g = torch.Generator(device=dev).manual_seed(0)
     weights = [torch.randn(N, K, device=dev, dtype=dtype, generator=g) * K**-0.5 for _ in range(n_copies)]
     x = torch.randn(M, K, device=dev, dtype=dtype, generator=g)
@@ -103,11 +133,25 @@ def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16) 
         "triton_fused_us": _graph_us(
             lambda i: KL.linear(x, weights[i % n_copies], bias, out=out, config=config, **fused_kwargs), n_calls
         ),
+        "triton_fused_nopdl_us": _graph_us(
+            lambda i: KL.linear(x, weights[i % n_copies], bias, out=out, config=config, **fused_kwargs), n_calls, pdl=False
+        ),
     }
+    if op == "attn_proj" and M <= KL.GEMV_MAX_M:
+        partials = _attention_partials(M, K, dev, dtype)
+        out3 = out.view(M, 1, N)  # (M, N) -> (B, 1, N): the attention output's leading shape
+        res3 = residual.view(M, 1, N)
+        combine_config = KL.default_config(M, N, K, dev)
+
+        def with_combine(i):
+            KL.linear(None, weights[i % n_copies], bias, residual=res3, out=out3, config=combine_config, attn_partials=partials)
+
+        times["triton_combine_us"] = _graph_us(with_combine, n_calls)
+        times["triton_combine_nopdl_us"] = _graph_us(with_combine, n_calls, pdl=False)
     gb = w_bytes / 1e9
     row = dict(model=model, op=op, N=N, K=K, M=M, dtype="float16", epilogue=epilogue, weight_mb=round(w_bytes / 2**20, 2))
     row.update({k: round(v, 2) for k, v in times.items()})
-    for side in ("cublas_gemv", "triton_gemv", "cublas_fused", "triton_fused"):
+    for side in (k[: -len("_us")] for k in times):
         gbs = gb / (times[f"{side}_us"] * 1e-6)
         row[f"{side}_gbs"] = round(gbs, 1)
         row[f"{side}_bw_frac"] = round(gbs / copy_gbs, 3)
@@ -115,6 +159,11 @@ def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16) 
     row["triton_config"] = str(config)
     row["plan"] = None if chosen is None else chosen.impl
     row["plan_reason"] = None if chosen is None else chosen.reason
+    row["pdl_speedup"] = round(times["triton_fused_nopdl_us"] / times["triton_fused_us"], 3)
+    if dry_run:  # the interpreter's results against the cuBLAS path (torch on the CPU)
+        got = KL.linear(x, weights[0], bias, config=config, **fused_kwargs)
+        ref = KL.cublas_linear(x, weights[0], bias, **fused_kwargs)
+        row["max_rel_err_vs_cublas"] = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     del weights
     torch.cuda.empty_cache()
     return row
@@ -123,7 +172,10 @@ def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="layer shapes only, default configs (< 40 s)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes under the Triton interpreter on the CPU (CI)")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        return dry_run()
     if not torch.cuda.is_available():
         print("benchmarks.linear needs a CUDA GPU (cuBLAS vs the Triton GEMV); nothing to measure here.")
         return 0
@@ -145,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{model:<8}{op:<10}{f'{N}x{K}':>13}{M:>3} | {r['cublas_gemv_us']:>8.2f}{r['triton_gemv_us']:>8.2f}"
                 f"{100 * r['triton_gemv_bw_frac']:>5.0f}% | {r['cublas_fused_us']:>8.2f}{r['triton_fused_us']:>8.2f}"
-                f"{r['fused_speedup_vs_cublas']:>6.2f} | {r['plan'] or '-'}",
+                f"{r['fused_speedup_vs_cublas']:>6.2f} | PDL x{r['pdl_speedup']:.2f}"
+                + (f" | +combine {r['triton_combine_us']:.2f}" if "triton_combine_us" in r else "")
+                + f" | {r['plan'] or '-'}",
                 flush=True,
             )
 
@@ -179,6 +233,25 @@ def main(argv: list[str] | None = None) -> int:
         value = f"{s['value']:.3f}" if isinstance(s["value"], float) else s["value"]
         print(f"{s['metric']:<58}{value:>10}  target {s['target']:<12} {'MET' if s['met'] else 'missed'}")
     return 0
+
+
+def dry_run() -> int:
+    """Every column on tiny shapes under the Triton interpreter (CPU); fails when a result is off."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter must be chosen before the kernels are imported: rerun in a child.
+        import subprocess
+
+        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+        return subprocess.call([sys.executable, "-m", "benchmarks.linear", "--dry-run"], env=env)
+    worst = 0.0
+    for model, op, N, K, epilogue in shapes(include_lm_head=True, dry_run=True):
+        for M in (1, 2):
+            r = measure(model, op, N, K, epilogue, M, copy_gbs=1.0, quick=True, dry_run=True)
+            worst = max(worst, r["max_rel_err_vs_cublas"])
+            print(f"{model} {op:<10}{N:>5}x{K:<5} M={M}  columns: {sorted(k for k in r if k.endswith('_us'))}  err {r['max_rel_err_vs_cublas']:.1e}")
+    ok = worst < 1e-4
+    print(f"dry run: worst relative error vs the cuBLAS path {worst:.1e} ({'ok' if ok else 'FAILED'})")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

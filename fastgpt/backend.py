@@ -1,8 +1,9 @@
 """The kernel boundary: which implementation of each hot op runs, and a record of what ran.
 
 The model calls :func:`attention`, :func:`select_next_token` and the layer ops :func:`ln_linear` /
-:func:`residual_linear` (LayerNorm + projection, projection + residual; built on
-:func:`add_layernorm`) and nothing else kernel-specific, so the Triton and CUDA kernels replace
+:func:`residual_linear` / :func:`attention_residual_linear` (LayerNorm + projection, projection +
+residual, attention + out-projection + residual, whose Triton decode step leaves the attention's
+split combine to the projection's launch; built on :func:`add_layernorm`) and nothing else kernel-specific, so the Triton and CUDA kernels replace
 the PyTorch reference without touching the model. Beam search takes its top-k through
 :func:`topk` (the CUDA/CPU top-k op).
 
@@ -155,15 +156,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: i
             _record("attention.prefill", "triton")
             return attention_prefill.prefill_attention(q, k, v, k_cache, v_cache, cache.row_start)
         if T == 1:
-            workspace = cache.workspace.get("attention")
-            if workspace is None:  # eager decoding: allocated at the first step (see allocate_workspaces)
-                workspace = attention_decode.decode_workspace(
-                    cache.batch, cache.n_head, cache.head_dim, cache.max_len, cache.device
-                )
-                cache.workspace["attention"] = workspace
             _record("attention.decode", "triton")
             return attention_decode.decode_attention(
-                q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start, workspace
+                q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start, _decode_workspace(cache)
             )
         # Several new tokens after a prefix (chunked prefill) has no kernel yet.
         _record("attention.extend", "torch")
@@ -171,6 +166,52 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: i
         _record("attention.prefill" if cache.pos == 0 else ("attention.decode" if T == 1 else "attention.extend"), "torch")
     row_start = cache.row_start if cache.has_padding else None
     return reference.attention(q, k, v, k_cache, v_cache, cache.pos, row_start)
+
+
+def _decode_workspace(cache) -> dict:
+    """The flash-decoding partials of ``cache``'s shape, kept in ``cache.workspace``."""
+    workspace = cache.workspace.get("attention")
+    if workspace is None:  # eager decoding: allocated at the first step (see allocate_workspaces)
+        from fastgpt.kernels import attention_decode
+
+        workspace = attention_decode.decode_workspace(cache.batch, cache.n_head, cache.head_dim, cache.max_len, cache.device)
+        cache.workspace["attention"] = workspace
+    return workspace
+
+
+def attention_residual_linear(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, proj, x: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention then the residual out-projection ``x + attn @ W^T + b``, as ``(stream, pending delta)``.
+
+    Triton decode step (T == 1 after a prefix) with a "triton" plan for the projection: two
+    launches -- the decode attention leaves its per-split partials (``combine=False``) and the
+    out-projection GEMV combines them in its prologue (``kernels.linear.linear(attn_partials=)``);
+    no combine kernel. Otherwise :func:`attention` then :func:`residual_linear`. The fused path
+    records ``attention.combine`` -> ``"attn_proj"`` beside ``attention.decode`` -> ``"triton"``.
+    """
+    B, T, H, D = q.shape
+    if backend == "triton" and T == 1 and cache.pos > 0:
+        import fastgpt.kernels.linear as triton_linear
+        import fastgpt.kernels.linear_plan as linear_plan
+        from fastgpt.kernels import attention_decode
+        from fastgpt.kernels.attention_common import SUPPORTED_HEAD_DIMS
+
+        weight, bias = proj.weight, getattr(proj, "bias", None)
+        if D in SUPPORTED_HEAD_DIMS:
+            rows = q.flatten(2)  # (B, 1, H, D) -> (B, 1, C): the projection's input shape (for the plan)
+            chosen = linear_plan.plan(rows, weight, bias, residual=x)
+            if chosen.impl == "triton":
+                k_cache, v_cache = cache.layer(layer)
+                partials = attention_decode.decode_attention(
+                    q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start, _decode_workspace(cache), combine=False
+                )
+                _record("attention.decode", "triton")
+                _record("attention.combine", "attn_proj")
+                _record(f"linear.attn_proj.{_phase(rows)}", "triton")
+                return triton_linear.linear(None, weight, bias, residual=x, config=chosen.config, attn_partials=partials), None
+    y = attention(q, k, v, cache, layer, backend)  # (B, T, H, D)
+    return residual_linear(y.reshape(B, T, H * D), proj, x, backend, op="attn_proj")  # (B, T, H, D) -> (B, T, C)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,13 +6,14 @@ the ``transformer.`` prefix, so loading is a key-for-key copy (see ``fastgpt.loa
 layers are ``nn.Linear``: HF's Conv1D stores the transpose.
 
 Attention, the projections and the LayerNorms go through ``fastgpt.backend`` (``attention``,
-``ln_linear``, ``residual_linear``), the boundary where the Triton kernels replace the PyTorch
-reference. The residual stream travels as ``(x, delta)``: ``delta`` is an update not yet added
-(the position embedding with the PyTorch backend, or a projection that ran on cuBLAS), added by
-the next LayerNorm. With the Triton backend the embedding is one launch (``wte + wpe``,
-``kernels/embedding.py``) and at decode sizes a layer is 4 launches + attention: LN1 + QKV +
-bias, out-proj + bias + residual, LN2 + FC + bias + GELU, proj + bias + residual (see
-``kernels/linear.py``); tests/test_launches.py counts them.
+``attention_residual_linear``, ``ln_linear``, ``residual_linear``), the boundary where the Triton
+kernels replace the PyTorch reference. The residual stream travels as ``(x, delta)``: ``delta`` is
+an update not yet added (the position embedding with the PyTorch backend, or a projection that ran
+on cuBLAS), added by the next LayerNorm. With the Triton backend the embedding is one launch
+(``wte + wpe``, ``kernels/embedding.py``) and a decode step's layer is 5 launches: LN1 + QKV +
+bias, attention (split partials only), out-proj + split combine + bias + residual, LN2 + FC +
+bias + GELU, proj + bias + residual (see ``kernels/linear.py``); tests/test_launches.py counts
+them.
 """
 
 from __future__ import annotations
@@ -39,15 +40,28 @@ class CausalSelfAttention(nn.Module):
         # (scale_attn_weights=False, scale_attn_by_inverse_layer_idx) pre-multiplies q by the ratio.
         self.query_factor = config.query_prescale(layer_index)
 
-    def attend(self, qkv: torch.Tensor, cache: KVCache, backend: str) -> torch.Tensor:
-        """``qkv``: (B, T, 3C) fused projection -> (B, T, C) attention output, before ``c_proj``."""
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``qkv``: (B, T, 3C) fused projection -> q, k, v (B, T, H, D), q pre-scaled if the config says so."""
         B, T, C3 = qkv.shape
         # (B, T, 3C) -> 3 x (B, T, H, D): strided views, no copy; the kernels take the strides.
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)
         if self.query_factor != 1.0:
             q = q * self.query_factor  # (B, T, H, D); one extra launch, only for such configs
-        y = _backend.attention(q, k, v, cache, self.layer_index, backend)  # (B, T, H, D)
+        return q, k, v
+
+    def attend(self, qkv: torch.Tensor, cache: KVCache, backend: str) -> torch.Tensor:
+        """``qkv``: (B, T, 3C) fused projection -> (B, T, C) attention output, before ``c_proj``."""
+        B, T, C3 = qkv.shape
+        y = _backend.attention(*self.split_heads(qkv), cache, self.layer_index, backend)  # (B, T, H, D)
         return y.reshape(B, T, C3 // 3)  # (B, T, H, D) -> (B, T, C)
+
+    def attend_project(
+        self, qkv: torch.Tensor, x: torch.Tensor, cache: KVCache, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x + c_proj(attend(qkv))`` as the stream ``(x, delta)``; in a Triton decode step the
+        attention's split combine happens inside the projection's launch (backend docs)."""
+        q, k, v = self.split_heads(qkv)
+        return _backend.attention_residual_linear(q, k, v, cache, self.layer_index, self.c_proj, x, backend)
 
 
 class MLP(nn.Module):
@@ -78,8 +92,7 @@ class Block(nn.Module):
         """
         ops, attn, mlp = _backend, self.attn, self.mlp
         qkv, x = ops.ln_linear(x, delta, self.ln_1, attn.c_attn, backend, op="qkv")  # (B, T, 3C)
-        y = attn.attend(qkv, cache, backend)  # (B, T, C)
-        x, delta = ops.residual_linear(y, attn.c_proj, x, backend, op="attn_proj")
+        x, delta = attn.attend_project(qkv, x, cache, backend)
         f, x = ops.ln_linear(x, delta, self.ln_2, mlp.c_fc, backend, activation=mlp.activation, op="fc")  # (B, T, 4C)
         return ops.residual_linear(f, mlp.c_proj, x, backend, op="mlp_proj")
 

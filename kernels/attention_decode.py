@@ -14,6 +14,18 @@ and the combine kernel never reads them, so the launch shape never depends on ``
 (CUDA-graph safe: ``cache_pos`` is only read on the device). With ``n_split == 1`` the split
 kernel normalises and writes the output itself and the combine kernel is not launched.
 
+Combine in the next kernel (``combine=False``): the split kernel writes its partials (with
+``n_split == 1`` too) and nothing else runs; :func:`decode_attention` returns an
+:class:`AttentionPartials` that the out-projection GEMV (``kernels.linear.linear(...,
+attn_partials=...)``) combines in its prologue, for the K columns (= heads x head_dim) each of its
+programs reads, with :func:`combined_attention_tile` -- the same sums as the combine kernel. One
+launch per layer fewer.
+
+Programmatic dependent launch (:func:`kernels.utils.pdl_enabled`): the split kernel waits
+(``gdc_wait``) before its first read, since everything it reads (q, k, v, the cache, the
+positions) may come from earlier kernels, then lets the next kernel launch at once, so the
+out-projection's weight stream overlaps the attention.
+
 Append-then-attend without a race: the slot ``cache_pos`` is read by exactly one program, the
 split that owns it (``cache_pos // CHUNK``). That program never reads the slot from memory: it
 uses the new ``k, v`` it holds in registers for that slot (one extra online-softmax step) and
@@ -28,6 +40,7 @@ and no device assert).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -43,9 +56,11 @@ from .attention_common import (
     _triton_configs,
     _tune_bench,
 )
-from .utils import check_tensor, interpreting, note_launch
+from .utils import check_tensor, interpreting, note_launch, pdl_enabled
 
 __all__ = [
+    "AttentionPartials",
+    "combined_attention_tile",
     "decode_attention",
     "decode_workspace",
     "decode_num_splits",
@@ -93,7 +108,45 @@ DECODE_MIN_CHUNK = 128
 # --------------------------------------------------------------------------------------------
 # Decode kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["H", "S_MAX", "CHUNK", "N_SPLIT"])
+@triton.jit
+def _active_splits(pos, S_MAX, CHUNK, N_SPLIT):
+    """(number of splits whose chunk starts at or before ``pos``, pos in [0, S_MAX)); none when out of range.
+
+    Splits 0 .. pos // CHUNK wrote partials (a split with no valid slot wrote m=-1e30, l=0).
+    """
+    pos_ok = (pos >= 0) & (pos < S_MAX)
+    n_active = tl.where(pos_ok, tl.minimum(tl.maximum(pos, 0) // CHUNK + 1, N_SPLIT), 0)
+    return n_active, pos_ok
+
+
+@triton.jit
+def combined_attention_tile(o_part_ptr, m_part_ptr, l_part_ptr, rows, mask_rows, cols, mask_cols, H, N_SPLIT, n_active, pos_ok, HEAD_DIM: tl.constexpr):
+    """The normalised attention output at ``(rows, cols)``: float32 ``(R, C)``.
+
+    ``rows`` are batch rows ``b`` (R,), ``cols`` features ``h * HEAD_DIM + d`` (C,) of the
+    ``(B, 1, H * HEAD_DIM)`` output; the partials are :func:`decode_workspace`'s ``(B, H, n_split,
+    D)`` / ``(B, H, n_split)``. The same two passes and split order as the combine kernel:
+    ``M = max_s m_s``, ``o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s`` over the first
+    ``n_active`` splits; 0 where no slot is valid (a pad row), NaN when ``pos_ok`` is false.
+    """
+    head = cols // HEAD_DIM
+    d = cols % HEAD_DIM
+    part0 = (rows.to(tl.int64)[:, None] * H + head[None, :]) * N_SPLIT  # (R, C): index of split 0
+    mask = mask_rows[:, None] & mask_cols[None, :]
+    m_max = tl.full(part0.shape, _NEG_BIG, tl.float32)
+    for s in range(0, n_active):
+        m_max = tl.maximum(m_max, tl.load(m_part_ptr + part0 + s, mask=mask, other=_NEG_BIG))
+    l_tot = tl.zeros(part0.shape, tl.float32)
+    acc = tl.zeros(part0.shape, tl.float32)
+    for s in range(0, n_active):
+        w = tl.exp2(tl.load(m_part_ptr + part0 + s, mask=mask, other=_NEG_BIG) - m_max)
+        l_tot += w * tl.load(l_part_ptr + part0 + s, mask=mask, other=0.0)
+        acc += w * tl.load(o_part_ptr + (part0 + s) * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+    o = acc / tl.where(l_tot > 0.0, l_tot, 1.0)
+    return tl.where(pos_ok, o, float("nan"))
+
+
+@triton.jit(do_not_specialize=["H", "S_MAX", "CHUNK", "N_SPLIT", "normalize"])
 def _decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -119,8 +172,10 @@ def _decode_split_kernel(
     stride_ob,
     stride_oh,
     qk_scale,
+    normalize,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -128,6 +183,11 @@ def _decode_split_kernel(
     h = bh % H
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
+    if USE_PDL:
+        # Everything below (q, k, v, cache, positions) may come from the kernels before: wait,
+        # then let the out-projection launch and start streaming its weight.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pos = tl.load(pos_ptr)  # device scalar: the slot of the new token
     rs = tl.maximum(tl.load(rs_ptr + b), 0)
     pos_ok = (pos >= 0) & (pos < S_MAX)
@@ -182,14 +242,14 @@ def _decode_split_kernel(
     tl.store(kc_base + new_slot + offs_d, k_new_raw, mask=d_ok & owner)
     tl.store(vc_base + new_slot + offs_d, v_new_raw, mask=d_ok & owner)
 
-    if N_SPLIT == 1:
+    if normalize != 0:
         # One split covers the whole cache: normalise and write the output here (a runtime branch,
-        # not a constexpr, so both cases share one compiled kernel).
+        # not a constexpr, so every case shares one compiled kernel).
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)
         o = tl.where(pos_ok, o, float("nan"))
         tl.store(out_ptr + b64 * stride_ob + h64 * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
     else:
-        # Partials of the splits the combine kernel reads (chunk starts at or before cache_pos).
+        # Partials of the splits the combine reads (chunk starts at or before cache_pos).
         active = chunk_lo <= pos
         part = bh * N_SPLIT + split
         tl.store(m_part_ptr + part, m_i, mask=active)
@@ -216,11 +276,8 @@ def _decode_combine_kernel(
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
-    pos = tl.load(pos_ptr)
-    pos_ok = (pos >= 0) & (pos < S_MAX)
-    # Splits 0 .. cache_pos // CHUNK wrote partials (splits with no valid slot wrote m=-1e30, l=0).
-    # (None for an out-of-range cache_pos: the output is NaN then.)
-    n_active = tl.where(pos_ok, tl.minimum(tl.maximum(pos, 0) // CHUNK + 1, N_SPLIT), 0)
+    # (No active split for an out-of-range cache_pos: the output is NaN then.)
+    n_active, pos_ok = _active_splits(tl.load(pos_ptr), S_MAX, CHUNK, N_SPLIT)
     part0 = bh * N_SPLIT
     offs_s = tl.arange(0, SPLIT_BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -354,6 +411,40 @@ def _check_workspace(workspace, B: int, H: int, D: int, S_max: int, device) -> i
 _decode_tuned_keys: set = set()
 
 
+@dataclass(frozen=True)
+class AttentionPartials:
+    """A decode step's attention output left as per-split partials (``decode_attention(...,
+    combine=False)``), for a kernel that combines them on the fly (``kernels.linear.linear(...,
+    attn_partials=...)``).
+
+    ``o`` (B, H, n_split, D), ``m``, ``l`` (B, H, n_split) float32: the workspace tensors, valid
+    for the splits whose chunk starts at or before ``cache_pos`` (read on the device; the others
+    hold stale values that are never read). ``chunk`` slots per split, ``max_len`` = S_max.
+    ``rows`` is a (B, 1, H*D) view of the query in the output's dtype: it gives the combined
+    output's shape, dtype and device and is never read as data.
+    """
+
+    o: torch.Tensor
+    m: torch.Tensor
+    l: torch.Tensor
+    cache_pos: torch.Tensor
+    chunk: int
+    max_len: int
+    rows: torch.Tensor
+
+    @property
+    def n_split(self) -> int:
+        return self.o.shape[2]
+
+    @property
+    def n_head(self) -> int:
+        return self.o.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.o.shape[3]
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -365,7 +456,8 @@ def decode_attention(
     workspace: dict[str, torch.Tensor],
     *,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    combine: bool = True,
+) -> torch.Tensor | AttentionPartials:
     """Append one token's ``k, v`` at device slot ``cache_pos`` and attend to ``[row_start, cache_pos]``.
 
     CUDA-graph safe once warmed up (see the module docstring): the launch configuration depends
@@ -380,12 +472,17 @@ def decode_attention(
         no cache write).
     row_start : (B,) int32 device tensor, first valid slot of each row.
     workspace : :func:`decode_workspace` ``(B, H, D, S_max)`` partials.
-    out : optional (B, 1, H, D) destination, last dimension contiguous.
+    out : optional (B, 1, H, D) destination, last dimension contiguous (``combine=True`` only).
+    combine : True: the output, normalised (one launch, plus a combine launch when the
+        workspace has several splits). False: one launch that only writes the partials of
+        ``workspace`` (whatever its split count), returned as :class:`AttentionPartials` for
+        the next kernel to combine.
 
     Returns
     -------
-    torch.Tensor
-        (B, 1, H, D) in q's dtype; zeros for rows whose ``row_start > cache_pos``.
+    torch.Tensor or AttentionPartials
+        (B, 1, H, D) in q's dtype; zeros for rows whose ``row_start > cache_pos``. With
+        ``combine=False``, the partials that combine to it.
     """
     B, T, H, D, S_max = _check_qkv_and_cache(q, k, v, k_cache, v_cache, row_start, out, decode=True)
     check_tensor(cache_pos, "cache_pos", ndim=1, dtypes=(torch.int32,), device=q.device)
@@ -394,17 +491,32 @@ def decode_attention(
     n_split = _check_workspace(workspace, B, H, D, S_max, q.device)
     if B * H * n_split > _INT32_MAX or n_split > 65535:
         raise ValueError(f"batch * n_head * n_split must be < 2**31 and n_split <= 65535, got {B * H}, {n_split}")
+    if not isinstance(combine, bool):
+        raise TypeError(f"combine must be a bool, got {type(combine).__name__}")
+    if not combine:
+        if out is not None:
+            raise ValueError("out must be None with combine=False: the output is left as partials")
+        # The kernel's out pointer is never written with normalize=0; q stands in for it.
+        _launch_decode(q, k, v, k_cache, v_cache, cache_pos, row_start, workspace, q, combine=False)
+        note_launch("attention_decode", "triton", n_split=n_split, launches=1, combine="deferred")
+        return AttentionPartials(
+            workspace["attn_o"], workspace["attn_m"], workspace["attn_l"], cache_pos,
+            decode_chunk(S_max, n_split), S_max, q.flatten(2),  # (B, 1, H, D) -> (B, 1, H*D)
+        )  # fmt: skip
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch_decode(q, k, v, k_cache, v_cache, cache_pos, row_start, workspace, out)
-    note_launch("attention_decode", "triton", n_split=n_split, launches=2 if n_split > 1 else 1)
+    note_launch("attention_decode", "triton", n_split=n_split, launches=2 if n_split > 1 else 1, combine="kernel")
     return out
 
 
-def _launch_decode(q, k, v, k_cache, v_cache, cache_pos, row_start, workspace, out, config: dict | None = None) -> None:
+def _launch_decode(
+    q, k, v, k_cache, v_cache, cache_pos, row_start, workspace, out, config: dict | None = None, *, combine: bool = True
+) -> None:
     """Launch the split (+ combine) decode kernels on validated inputs.
 
     ``config`` (tests only) pins one entry of ``DECODE_CONFIGS`` instead of the autotuner.
+    ``combine=False``: the split kernel only, writing partials (``out`` is not written).
     """
     B, _, H, D = q.shape
     S_max = k_cache.shape[2]
@@ -417,27 +529,29 @@ def _launch_decode(q, k, v, k_cache, v_cache, cache_pos, row_start, workspace, o
         H, S_max, chunk, n_split,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         out.stride(0), out.stride(2),
-        _LOG2E / math.sqrt(D),
+        _LOG2E / math.sqrt(D), int(combine and n_split == 1),
     )
     grid = (B * H, n_split)
+    use_pdl = pdl_enabled(q.device)
     if config is None and interpreting():
         config = INTERPRETER_DECODE_CONFIG
     if config is not None:
         _decode_split_kernel[grid](
-            *args, HEAD_DIM=D, BLOCK_N=config["BLOCK_N"],
+            *args, HEAD_DIM=D, BLOCK_N=config["BLOCK_N"], USE_PDL=use_pdl, launch_pdl=use_pdl,
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
     else:
-        key = (q.device, q.dtype, D, chunk, n_split)
+        key = (q.device, q.dtype, D, chunk, n_split, use_pdl)
         if key not in _decode_tuned_keys and q.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "decode_attention: first call for this cache shape/dtype happens inside CUDA-graph capture, "
                 "where Triton cannot autotune or compile. Call warmup_decode(...) or run decode_attention "
                 "once eagerly with the same shapes before capturing."
             )
-        _decode_split_tuned[grid](*args, HEAD_DIM=D)
+        _decode_split_tuned[grid](*args, HEAD_DIM=D, USE_PDL=use_pdl, launch_pdl=use_pdl)
         _decode_tuned_keys.add(key)
-    if n_split > 1:
+    if combine and n_split > 1:
+        # Launched without PDL: it starts once the split kernel has completed.
         _decode_combine_kernel[(B * H,)](
             o_part, m_part, l_part, cache_pos, out,
             H, S_max, chunk, n_split, out.stride(0), out.stride(2),

@@ -29,6 +29,9 @@ Shapes and dtypes
 
 The kernel holds a whole row in registers (``BLOCK_C = next_power_of_2(C)``), so there is no
 loop and no second read: GPT-2's widths (768 ... 1600) take 1024 or 2048 slots.
+
+Programmatic dependent launch (:func:`kernels.utils.pdl_enabled`): the LayerNorm parameters are
+loaded before ``gdc_wait``, the rows (the previous kernels' outputs) after it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_tensor, note_launch, triton_usable_on
+from .utils import check_tensor, note_launch, pdl_enabled, triton_usable_on
 
 __all__ = ["MAX_C", "add_layernorm", "layernorm_num_warps"]
 
@@ -45,6 +48,9 @@ __all__ = ["MAX_C", "add_layernorm", "layernorm_num_warps"]
 MAX_C = 16384
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Rows up to this width load the LayerNorm parameters first (before gdc_wait); wider rows load
+#: them after the statistics, where the registers are free again (16384 slots would spill).
+EARLY_PARAMS_MAX_C = tl.constexpr(4096)
 
 
 @triton.jit
@@ -63,10 +69,18 @@ def _add_layernorm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2^31 in a long prefill
     offs = tl.arange(0, BLOCK_C)
     mask = offs < C
+    if BLOCK_C <= EARLY_PARAMS_MAX_C:
+        # The parameters are constant: loaded while the previous kernel may still run (PDL).
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0).to(tl.float32)
@@ -78,8 +92,9 @@ def _add_layernorm_kernel(
     centred = tl.where(mask, s - mean, 0.0)  # masked lanes must not enter the variance
     var = tl.sum(centred * centred, axis=0) / C
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if BLOCK_C > EARLY_PARAMS_MAX_C:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h = centred * rstd * w + b
     tl.store(h_ptr + row * stride_h + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
@@ -217,10 +232,11 @@ def add_layernorm(
 
     if M > 0:
         block_c = triton.next_power_of_2(C)
+        use_pdl = pdl_enabled(device)
         _add_layernorm_kernel[(M,)](
             x_rows, res_rows, weight, bias, h_rows, s_rows,
             C, x_rows.stride(0), res_rows.stride(0), h_rows.stride(0), s_rows.stride(0), float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK_C=block_c,
+            HAS_RESIDUAL=residual is not None, BLOCK_C=block_c, USE_PDL=use_pdl, launch_pdl=use_pdl,
             num_warps=layernorm_num_warps(block_c),
         )  # fmt: skip
     note_launch("layernorm", "triton", residual=residual is not None)

@@ -47,7 +47,36 @@ Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
   the acquire (the atomic, then the partials loaded with ``.cg``, bypassing L1) make every
   partial visible to the finishing program.
 
-The choice between this GEMV and :func:`cublas_linear` per shape is :mod:`fastgpt.kernels.linear_plan`.
+Whole-row kernel (``_gemv_row_kernel``): ``M == 1`` and ``K <= ROW_K_MAX`` (GPT-2's 768, XL's 1600)
+------------------------------------------------------------------------------------------------------
+Batch-1 decode is bound by streaming ``W`` once; ``x`` is one row of at most 2048 features. Each
+program holds the whole row (``ROW_K = next_power_of_2(K)``: one K chunk, so no K loop, no split-K
+handshake, no workspace, and no 256-wide iteration spent on K = 1600's last 64 columns) and
+reduces ``(BLOCK_N, ROW_K)`` weight tiles of ``BLOCK_N = 4096 / ROW_K`` rows. One program per tile,
+or, when there are more than ``PERSISTENT_MIN_TILES_PER_SM`` tiles per SM (the LM head:
+12,565 tiles for GPT-2), persistent: ``PERSISTENT_PROGRAMS_PER_SM`` programs per SM, each
+normalising its row ONCE (LayerNorm statistics and the normalised row stay in registers) and
+streaming every G-th tile with the next tile's load in flight. :func:`default_config` picks it for
+these shapes (:func:`row_config`); the measured plan weighs it against the K-loop tiles.
+
+Attention combine prologue (``attn_partials=``)
+-----------------------------------------------
+In a decode step the out-projection's ``x`` is the attention output. With
+``decode_attention(..., combine=False)`` that output is left as per-split partials and this GEMV
+combines them for the K columns (= heads x head_dim) each program reads
+(:func:`fastgpt.kernels.attention_decode.combined_attention_tile`: the valid splits, chunk start
+<= ``cache_pos`` read on the device, log-sum-exp weighted, rounded to the dtype as a stored output
+would be). Both kernels take it, with split-K too. One launch per layer fewer.
+
+Programmatic dependent launch (:func:`fastgpt.kernels.utils.pdl_enabled`)
+------------------------------------------------------------------------
+On sm_90 both kernels launch with ``launch_pdl=True``; in the kernel the first weight tile (the
+whole weight tile in the whole-row kernel) and the bias are loaded BEFORE ``gdc_wait()``, so the
+weight stream overlaps the previous kernel's tail and the launch gap; ``x``, the residual, the
+partials and every write come after it, then ``gdc_launch_dependents()``. ``USE_PDL`` is False
+under the interpreter (``gdc_*`` cannot be traced there) and with ``FASTGPT_PDL=0``.
+
+The choice between these GEMVs and :func:`cublas_linear` per shape is :mod:`fastgpt.kernels.linear_plan`.
 
 CUDA graphs: the split-K workspace of a (shape, config) is allocated on its first eager launch and
 reused by every later launch and graph replay (launches on one stream are ordered, and each
@@ -58,9 +87,9 @@ Kernel count per transformer layer, decode (M = B <= 16), by construction
 --------------------------------------------------------------------------
 Before (PyTorch ops): ln_1, c_attn addmm, [attention], c_proj addmm, residual add, ln_2, c_fc addmm,
 GELU, c_proj addmm, residual add = 9 launches + attention.
-After (every GEMV plan "triton"): ln_1+c_attn+bias, [attention], c_proj+bias+residual,
-ln_2+c_fc+bias+GELU, c_proj+bias+residual = 4 launches + attention; per step, ln_f + LM head is one
-more launch (and the first layer's ``wte + wpe`` one add). With a "cublas" plan an op costs its
+After (every GEMV plan "triton"): ln_1+c_attn+bias, attention (split partials, one launch),
+c_proj+split combine+bias+residual, ln_2+c_fc+bias+GELU, c_proj+bias+residual = 5 launches; per
+step, ln_f + LM head (persistent) is one more launch (and the first layer's ``wte + wpe`` one add). With a "cublas" plan an op costs its
 cuBLAS call plus one LayerNorm launch (ln ops) or plus nothing (residual ops: the add is deferred
 into the next LayerNorm, which becomes an add + LayerNorm launch); see ``fastgpt.backend``.
 """
@@ -75,8 +104,9 @@ import triton.language as tl
 
 from fastgpt.reference import LINEAR_ACTIVATIONS
 
+from .attention_decode import AttentionPartials, _active_splits, combined_attention_tile
 from .layernorm import add_layernorm, as_rows, check_no_partial_overlap, check_rows_disjoint
-from .utils import check_tensor, interpreting, note_launch, triton_usable_on
+from .utils import check_tensor, interpreting, note_launch, pdl_enabled, triton_usable_on
 
 __all__ = [
     "GEMV_MAX_M",
@@ -87,6 +117,8 @@ __all__ = [
     "linear",
     "cublas_linear",
     "default_config",
+    "row_config",
+    "uses_row_kernel",
     "candidate_configs",
     "workspace_for",
     "m_bucket",
@@ -130,6 +162,16 @@ DOT_TILES: tuple[tuple[int, int, int, int], ...] = ((32, 128, 4, 3), (64, 128, 4
 #: the heuristic split and twice it.
 AUTO_TILES = 2
 
+#: The whole-row kernel (M == 1, K <= ROW_K_MAX): BLOCK_N * next_power_of_2(K) ~ ROW_TILE_ELEMS
+#: weights per tile (two tiles in flight per program: ~64 registers a thread at 4 warps).
+ROW_K_MAX = 2048
+ROW_TILE_ELEMS = 4096
+#: Above PERSISTENT_MIN_TILES_PER_SM column tiles per SM (the LM head: 12,565 tiles of 4 rows for
+#: GPT-2), the whole-row kernel runs persistent with PERSISTENT_PROGRAMS_PER_SM programs per SM,
+#: each streaming every G-th tile and normalising its row once.
+PERSISTENT_MIN_TILES_PER_SM = 8
+PERSISTENT_PROGRAMS_PER_SM = 4
+
 #: Split-K aims for about this many programs per SM, with at most MAX_SPLIT_K splits.
 PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 32
@@ -140,7 +182,7 @@ def _block_m(M: int) -> int:
 
 
 
-@triton.jit(do_not_specialize=["count_slot"])
+@triton.jit(do_not_specialize=["count_slot", "attn_heads", "attn_max_len", "attn_chunk", "attn_n_split"])
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -152,6 +194,14 @@ def _gemv_kernel(
     part_ptr,
     count_ptr,
     count_slot,
+    attn_o_ptr,
+    attn_m_ptr,
+    attn_l_ptr,
+    attn_pos_ptr,
+    attn_heads,
+    attn_max_len,
+    attn_chunk,
+    attn_n_split,
     M,
     N,
     K,
@@ -173,6 +223,8 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter + bfloat16 only, see _dot_flags
+    ATTN_HEAD_DIM: tl.constexpr,  # > 0: x is the attention output, combined here from its partials
+    USE_PDL: tl.constexpr,  # programmatic dependent launch: weights before gdc_wait, the rest after
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -198,10 +250,19 @@ def _gemv_kernel(
     if BLOCK_M == 1:
         offs_k = k_lo + offs_kb
         w_next = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+    bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
+    if USE_PDL:
+        # Above: constant data only (the weight, the bias), issued while the previous kernel may
+        # still run. Below: its outputs (x, the residual, the attention partials) and our writes.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    res = 0.0
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :], mask=mask_mn, other=0.0)
+    if ATTN_HEAD_DIM > 0:
+        n_active, pos_ok = _active_splits(tl.load(attn_pos_ptr), attn_max_len, attn_chunk, attn_n_split)
 
     if HAS_LN:
         # Row statistics over the whole of K (every split needs them), exact two-pass maths.
@@ -241,7 +302,13 @@ def _gemv_kernel(
             w_next = tl.load(w_rows + offs_nx[None, :], mask=mask_n[:, None] & (offs_nx < k_hi)[None, :], other=0.0)
             offs_k = k0 + offs_kb
             mask_k = offs_k < k_hi
-            xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (1, BK)
+            if ATTN_HEAD_DIM > 0:
+                xt = combined_attention_tile(
+                    attn_o_ptr, attn_m_ptr, attn_l_ptr, offs_m, mask_m, offs_k, mask_k,
+                    attn_heads, attn_n_split, n_active, pos_ok, ATTN_HEAD_DIM,
+                ).to(w_ptr.dtype.element_ty)  # (1, BK), rounded as a stored attention output
+            else:
+                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (1, BK)
             if HAS_LN:
                 g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                 b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -255,7 +322,13 @@ def _gemv_kernel(
         for k0 in range(k_lo, k_hi, BLOCK_K):  # tl.dot loads are software-pipelined (num_stages)
             offs_k = k0 + offs_kb
             mask_k = offs_k < k_hi
-            xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BM, BK)
+            if ATTN_HEAD_DIM > 0:
+                xt = combined_attention_tile(
+                    attn_o_ptr, attn_m_ptr, attn_l_ptr, offs_m, mask_m, offs_k, mask_k,
+                    attn_heads, attn_n_split, n_active, pos_ok, ATTN_HEAD_DIM,
+                ).to(w_ptr.dtype.element_ty)  # (BM, BK)
+            else:
+                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BM, BK)
             if HAS_LN:
                 g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                 b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -292,6 +365,12 @@ def _gemv_kernel(
     else:
         mask_out = mask_mn
 
+    _store_epilogue(acc, bias, res, out_ptr, offs_m64, offs_n, stride_om, mask_out, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+
+
+@triton.jit
+def _store_epilogue(acc, bias, res, out_ptr, offs_m64, offs_n, stride_om, mask_out, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """``out = residual + act(acc + bias)`` for a (BM, BN) float32 tile, rounded once and stored."""
     if HAS_BIAS:
         acc += bias[None, :]
     if ACTIVATION == 1:
@@ -303,6 +382,98 @@ def _gemv_kernel(
     if HAS_RESIDUAL:
         acc += res.to(tl.float32)
     tl.store(out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit(do_not_specialize=["attn_heads", "attn_max_len", "attn_chunk", "attn_n_split"])
+def _gemv_row_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    attn_o_ptr,
+    attn_m_ptr,
+    attn_l_ptr,
+    attn_pos_ptr,
+    attn_heads,
+    attn_max_len,
+    attn_chunk,
+    attn_n_split,
+    N,
+    K,
+    stride_wn,
+    ln_eps,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_K: tl.constexpr,  # next_power_of_2(K): the whole row is one chunk
+    ATTN_HEAD_DIM: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One row (M == 1), the whole of K in one chunk: no K loop, no split-K, no workspace.
+
+    Program ``p`` of ``G`` owns column tiles ``p, p + G, p + 2G, ...`` (``G`` = the grid; with
+    ``G`` = the tile count each program owns one tile; the LM head runs persistent, ``G`` ~ a few
+    programs per SM). The normalised row (LayerNorm statistics, or the attention combine) is
+    computed once per program and stays in registers; every tile is one ``(BLOCK_N, ROW_K)``
+    weight load, the next tile's issued before the current one is reduced.
+    """
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    offs_k = tl.arange(0, ROW_K)
+    mask_k = offs_k < K
+    offs_m = tl.arange(0, 1)  # (1,): the one row
+    mask_m = offs_m < 1
+    offs_tile = tl.arange(0, BLOCK_N)
+    # The first tile's weight: constant data, in flight before the previous kernel has finished.
+    offs_n = pid * BLOCK_N + offs_tile
+    mask_n = offs_n < N
+    w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+    if ATTN_HEAD_DIM > 0:
+        n_active, pos_ok = _active_splits(tl.load(attn_pos_ptr), attn_max_len, attn_chunk, attn_n_split)
+        xr = combined_attention_tile(
+            attn_o_ptr, attn_m_ptr, attn_l_ptr, offs_m, mask_m, offs_k, mask_k,
+            attn_heads, attn_n_split, n_active, pos_ok, ATTN_HEAD_DIM,
+        )  # (1, ROW_K) float32
+        xr = xr.to(w_ptr.dtype.element_ty).to(tl.float32)  # rounded as a stored attention output
+    else:
+        xr = tl.load(x_ptr + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)  # (1, ROW_K)
+    if HAS_LN:
+        # Once per program, not once per tile (exact two-pass statistics, as the reference).
+        mean = tl.sum(xr, axis=1) / K  # (1,)
+        d = tl.where(mask_k[None, :], xr - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + ln_eps)
+        g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        # Masked K lanes get g = b = 0 and stay 0; rounded like a stored LayerNorm output.
+        xr = (d * rstd[:, None] * g[None, :] + b[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)
+
+    for tile in range(pid, tl.cdiv(N, BLOCK_N), n_programs):
+        offs_n = tile * BLOCK_N + offs_tile
+        mask_n = offs_n < N
+        # Prefetch the next tile of this program (nothing past the last: masked).
+        offs_nx = offs_n + n_programs * BLOCK_N
+        mask_nx = offs_nx < N
+        w_next = tl.load(
+            w_ptr + offs_nx.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], mask=mask_nx[:, None] & mask_k[None, :], other=0.0
+        )
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        res = 0.0
+        if HAS_RESIDUAL:
+            res = tl.load(res_ptr + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+        acc = tl.sum(w.to(tl.float32) * xr, axis=1)[None, :]  # (1, BN)
+        _store_epilogue(acc, bias, res, out_ptr, offs_m.to(tl.int64), offs_n, 0, mask_n[None, :], HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+        w = w_next
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +500,32 @@ def _effective_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     return triton.cdiv(k_chunks, per), per * block_k
 
 
+def row_config(K: int) -> GemvConfig:
+    """The whole-row config for M == 1 and ``K <= ROW_K_MAX``: ``block_k = next_power_of_2(K)``
+    (one K chunk: no loop, no split-K, no workspace), ``block_n`` rows per tile."""
+    row_k = triton.next_power_of_2(K)
+    return GemvConfig(max(1, min(16, ROW_TILE_ELEMS // row_k)), row_k, 4, 1, 1)
+
+
+def uses_row_kernel(M: int, K: int, config: GemvConfig) -> bool:
+    """Whether a launch of ``config`` runs the whole-row kernel (else the K-loop / split-K kernel)."""
+    return M == 1 and K <= ROW_K_MAX and config.block_k >= K and config.split_k == 1
+
+
+def row_grid(N: int, config: GemvConfig, device: torch.device | str) -> tuple[int, int]:
+    """(programs, column tiles) of a whole-row launch: one program per tile, or persistent."""
+    n_tiles = triton.cdiv(N, config.block_n)
+    n_sm = _num_sms(torch.device(device))
+    if n_tiles > PERSISTENT_MIN_TILES_PER_SM * n_sm:
+        return PERSISTENT_PROGRAMS_PER_SM * n_sm, n_tiles
+    return n_tiles, n_tiles
+
+
 def default_config(M: int, N: int, K: int, device: torch.device | str) -> GemvConfig:
-    """The config used without a measurement (the interpreter, ``FASTGPT_LINEAR=triton``)."""
+    """The config used without a measurement (the interpreter, ``FASTGPT_LINEAR=triton``):
+    the whole-row config for M == 1 and ``K <= ROW_K_MAX``, else the first tile of the regime."""
+    if M == 1 and K <= ROW_K_MAX:
+        return row_config(K)
     tiles = M1_TILES if M == 1 else DOT_TILES
     bn, bk, warps, stages = tiles[0]
     return GemvConfig(bn, bk, warps, stages, _split_for(N, K, bn, bk, _num_sms(torch.device(device))))
@@ -342,7 +537,7 @@ def candidate_configs(M: int, N: int, K: int, device: torch.device | str, *, exh
     and at twice it (``FASTGPT_LINEAR=tune``)."""
     n_sm = _num_sms(torch.device(device))
     tiles = M1_TILES if M == 1 else DOT_TILES
-    out: list[GemvConfig] = []
+    out: list[GemvConfig] = [row_config(K)] if M == 1 and K <= ROW_K_MAX else []
     for bn, bk, warps, stages in tiles if exhaustive else tiles[:AUTO_TILES]:
         s = _split_for(N, K, bn, bk, n_sm)
         for split in (s, 2 * s) if exhaustive else (s,):
@@ -440,6 +635,33 @@ def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias
     return as_rows(x, "x"), N, K
 
 
+def _check_attn_partials(partials, x, weight, ln_weight) -> torch.Tensor:
+    """Validate ``attn_partials`` (with ``x`` None); returns the (B, 1, H*D) stand-in for x's shape."""
+    if not isinstance(partials, AttentionPartials):
+        raise TypeError(f"attn_partials must be the AttentionPartials of decode_attention(combine=False), got {type(partials).__name__}")
+    if x is not None:
+        raise ValueError("pass x or attn_partials, not both: with attn_partials, x is the combined attention output")
+    if ln_weight is not None:
+        raise ValueError("attn_partials takes no LayerNorm (ln_weight must be None)")
+    rows = partials.rows
+    check_tensor(weight, "weight", ndim=2)
+    for name, t in (("attn_partials.o", partials.o), ("attn_partials.m", partials.m), ("attn_partials.l", partials.l)):
+        check_tensor(t, name, dtypes=(torch.float32,), device=rows.device)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    B, H, S, D = partials.o.shape
+    if tuple(partials.m.shape) != (B, H, S) or tuple(partials.l.shape) != (B, H, S):
+        raise ValueError(f"attn_partials.m and .l must be ({B}, {H}, {S}), got {tuple(partials.m.shape)}, {tuple(partials.l.shape)}")
+    if tuple(rows.shape) != (B, 1, H * D):
+        raise ValueError(f"attn_partials.rows must be ({B}, 1, {H * D}), got {tuple(rows.shape)}")
+    check_tensor(partials.cache_pos, "attn_partials.cache_pos", ndim=1, dtypes=(torch.int32,), device=rows.device)
+    if not 1 <= partials.chunk or partials.chunk * S < partials.max_len:
+        raise ValueError(f"attn_partials: {S} chunks of {partials.chunk} slots must cover max_len={partials.max_len}")
+    if B * H * S * D > _INT32_MAX // 2:
+        raise ValueError(f"attn_partials.o has {B * H * S * D} elements; at most {_INT32_MAX // 2} are supported")
+    return rows
+
+
 def _check_out(out, x, N, dtype, device, residual, weight):
     expected = (*x.shape[:-1], N)
     if out is None:
@@ -492,7 +714,7 @@ def _dot_flags(dtype: torch.dtype) -> tuple[str, bool]:
 
 
 def linear(
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -503,6 +725,7 @@ def linear(
     ln_eps: float = 1e-5,
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    attn_partials: AttentionPartials | None = None,
 ) -> torch.Tensor:
     """``residual + act(LN(x) @ weight.T + bias)`` for ``M <= GEMV_MAX_M`` rows, one Triton launch.
 
@@ -517,6 +740,11 @@ def linear(
     ln_weight, ln_bias : (K,) -- LayerNorm ``x`` first (eps ``ln_eps`` > 0); both or neither.
     out : (..., N) preallocated output, or None to allocate. Must not overlap x or weight.
     config : the tile config, or None for :func:`default_config`.
+    attn_partials : the decode attention's partials (``decode_attention(..., combine=False)``),
+        with ``x`` None: ``x`` is then the attention output ``(B, 1, H*D)``, combined from the
+        splits in the prologue (each program for the K columns it reads; the splits whose chunk
+        starts at or before ``cache_pos``, read on the device) and rounded to the weight's dtype,
+        exactly what the combine kernel would have stored. No LayerNorm with it.
 
     Returns
     -------
@@ -524,6 +752,8 @@ def linear(
 
     CUDA-graph capturable once the same call ran eagerly (compile, split-K workspace).
     """
+    if attn_partials is not None:
+        x = _check_attn_partials(attn_partials, x, weight, ln_weight)
     x_rows, N, K = _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps)
     dtype, device = x.dtype, x.device
     if not triton_usable_on(device):
@@ -543,6 +773,32 @@ def linear(
     _check_config(config, M)
     out_rows = as_rows(out, "out")
     res_rows = as_rows(residual, "residual") if residual is not None else out_rows
+    has_ln = ln_weight is not None
+    if not has_ln:
+        ln_weight = ln_bias = out_rows  # unused (HAS_LN=False)
+    if attn_partials is not None:
+        ap = attn_partials
+        attn_args = (ap.o, ap.m, ap.l, ap.cache_pos, ap.n_head, ap.max_len, ap.chunk, ap.n_split)
+    else:
+        attn_args = (out_rows, out_rows, out_rows, out_rows, 0, 0, 0, 0)  # unused (ATTN_HEAD_DIM=0)
+    attn_head_dim = attn_partials.head_dim if attn_partials is not None else 0
+    use_pdl = pdl_enabled(device)
+
+    if uses_row_kernel(M, K, config):
+        n_programs, n_tiles = row_grid(N, config, device)
+        _gemv_row_kernel[(n_programs,)](
+            x_rows, weight, bias if bias is not None else out_rows, res_rows, out_rows,
+            ln_weight, ln_bias, *attn_args, N, K, weight.stride(0), float(ln_eps),
+            HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_RESIDUAL=residual is not None,
+            HAS_LN=has_ln, BLOCK_N=config.block_n, ROW_K=triton.next_power_of_2(K),
+            ATTN_HEAD_DIM=attn_head_dim, USE_PDL=use_pdl, launch_pdl=use_pdl,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+        note_launch(
+            "linear", "triton", kernel="row", config=config, n_split=1, persistent=n_programs < n_tiles,
+            attn_combine=attn_partials is not None, pdl=use_pdl,
+        )  # fmt: skip
+        return out
 
     n_split, k_per_split = _effective_split(K, config.block_k, config.split_k)
     n_tiles = triton.cdiv(N, config.block_n)
@@ -554,23 +810,21 @@ def linear(
     else:
         partials = counters = out_rows  # unused (USE_SPLIT=False)
         count_slot = 0
-    has_ln = ln_weight is not None
     dot_precision, upcast_dot = _dot_flags(dtype)
-    if not has_ln:
-        ln_weight = ln_bias = out_rows  # unused (HAS_LN=False)
 
     _gemv_kernel[(n_tiles, n_split)](
         x_rows, weight, bias if bias is not None else out_rows, res_rows, out_rows,
-        ln_weight, ln_bias, partials, counters, count_slot,
+        ln_weight, ln_bias, partials, counters, count_slot, *attn_args,
         M, N, K, x_rows.stride(0), weight.stride(0), res_rows.stride(0), out_rows.stride(0),
         n_split, k_per_split, float(ln_eps),
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_RESIDUAL=residual is not None,
         HAS_LN=has_ln, LN_ROW=_ln_row(has_ln, M, K), USE_SPLIT=n_split > 1,
         BLOCK_M=_block_m(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot,
+        ATTN_HEAD_DIM=attn_head_dim, USE_PDL=use_pdl, launch_pdl=use_pdl,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    note_launch("linear", "triton", config=config, n_split=n_split)
+    note_launch("linear", "triton", kernel="k_loop", config=config, n_split=n_split, attn_combine=attn_partials is not None, pdl=use_pdl)
     return out
 
 

@@ -51,6 +51,41 @@ if interpreting():
 
 
 # --------------------------------------------------------------------------------------------
+# Programmatic dependent launch (PDL)
+# --------------------------------------------------------------------------------------------
+def pdl_enabled(device: torch.device | str) -> bool:
+    """Whether the decode-step kernels launch on ``device`` with programmatic dependent launch.
+
+    True on a CUDA device of compute capability >= 9.0 (Hopper: ``griddepcontrol``) unless the
+    environment sets ``FASTGPT_PDL=0`` (read at every launch, so a benchmark measures PDL on and
+    off side by side). Always False under the interpreter, where ``gdc_wait`` /
+    ``gdc_launch_dependents`` cannot be traced. One switch gives both the kernel's ``USE_PDL``
+    constexpr and the launch's ``launch_pdl``: a kernel launched early must wait.
+
+    The contract every PDL kernel keeps: before ``gdc_wait()`` it reads only constant data
+    (weights, LayerNorm parameters, biases) and writes nothing; it calls
+    ``gdc_launch_dependents()`` only after its ``gdc_wait()``, so when a kernel starts, every
+    kernel two or more launches back has completed.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting():
+        return False
+    if os.environ.get("FASTGPT_PDL", "1").strip() == "0":
+        return False
+    return _capability_at_least_90(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_CAPABILITY: dict[int, bool] = {}
+
+
+def _capability_at_least_90(index: int) -> bool:
+    found = _CAPABILITY.get(index)
+    if found is None:
+        found = _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return found
+
+
+# --------------------------------------------------------------------------------------------
 # One record of what ran (contract C2)
 # --------------------------------------------------------------------------------------------
 _LAUNCHES: dict[str, dict] = {}

@@ -124,6 +124,8 @@ def _compile_worker() -> None:
         constexprs = {"HEAD_DIM": head_dim, **meta}
         if kind == "prefill":
             constexprs.update(IEEE=dt == "fp32", UPCAST=False)
+        if kind == "decode":
+            constexprs.update(USE_PDL=True)  # the decode step's kernel, as it runs on sm_90
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
@@ -138,7 +140,8 @@ def _compile_worker() -> None:
         ptx = compiled.asm["ptx"]
         results.append(
             {"spec": [kind, dt, head_dim, cfg], "shared": compiled.metadata.shared, "mma": "mma" in ptx,
-             "ptx_len": len(ptx), "spills": spill_bytes(compiled.asm["cubin"])}
+             "ptx_len": len(ptx), "spills": spill_bytes(compiled.asm["cubin"]),
+             "pdl": ["griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx]}
         )
     print(json.dumps(results))
 
@@ -156,3 +159,6 @@ def check_compiled(results) -> None:
         if kind == "prefill":
             # 16-bit dots must use the tensor cores; float32 must honour IEEE (no TF32 MMA).
             assert r["mma"] == (dt != "fp32"), r["spec"]
+        if kind == "decode":
+            # Programmatic dependent launch: waits on the kernel before, releases the one after.
+            assert r["pdl"] == [True, True], f"{r['spec']}: griddepcontrol.wait / launch_dependents missing"

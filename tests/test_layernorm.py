@@ -185,14 +185,16 @@ def _compile_worker() -> None:
     kernel = LN._add_layernorm_kernel
     results = []
     for dt, block_c, residual in json.loads(sys.stdin.read()):
-        constexprs = dict(HAS_RESIDUAL=residual, BLOCK_C=block_c)
+        constexprs = dict(HAS_RESIDUAL=residual, BLOCK_C=block_c, USE_PDL=True)
         signature = {
             n: ("constexpr" if n in constexprs else "*" + dt if n.endswith("_ptr") else "fp32" if n == "eps" else "i32")
             for n in kernel.arg_names
         }
         compiled = compile_for_hopper(kernel, signature, constexprs, LN.layernorm_num_warps(block_c), 1)
+        ptx = compiled.asm["ptx"]
         results.append(dict(spec=[dt, block_c, residual], shared=compiled.metadata.shared,
-                            spills=spill_bytes(compiled.asm["cubin"])))
+                            spills=spill_bytes(compiled.asm["cubin"]),
+                            pdl=["griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx]))
     print(json.dumps(results))
 
 
@@ -204,6 +206,7 @@ def test_kernel_compiles_for_sm90():
     for r in results:
         assert r["shared"] <= H100_SHARED_MEMORY_BYTES, r
         assert r["spills"] == 0, f"{r['spec']}: {r['spills']} B of register spills"
+        assert r["pdl"] == [True, True], f"{r['spec']}: griddepcontrol.wait / launch_dependents missing"
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ import torch
 
 import fastgpt.backend as backend
 from fastgpt import GPT, GPTConfig, kernels_report, reference, reset_kernels_report
+from fastgpt.kernels import attention_decode as AD
 from fastgpt.kernels import linear as KL
+from fastgpt.kernels.utils import launch_record
 from tests.kernel_helpers import LaunchCounter, run_compile_workers, spill_bytes
 from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
 
@@ -33,11 +35,22 @@ TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+class _GemvLaunches:
+    """Launches of both GEMV kernels (the K-loop / split-K one and the whole-row one)."""
+
+    def __init__(self, monkeypatch):
+        self.k_loop, self.row = LaunchCounter(KL._gemv_kernel), LaunchCounter(KL._gemv_row_kernel)
+        monkeypatch.setattr(KL, "_gemv_kernel", self.k_loop)
+        monkeypatch.setattr(KL, "_gemv_row_kernel", self.row)
+
+    @property
+    def launches(self) -> int:
+        return self.k_loop.launches + self.row.launches
+
+
 @pytest.fixture
 def gemv_launches(monkeypatch):
-    counter = LaunchCounter(KL._gemv_kernel)
-    monkeypatch.setattr(KL, "_gemv_kernel", counter)
-    return counter
+    return _GemvLaunches(monkeypatch)
 
 
 def make_inputs(M, N, K, dtype, *, bias=True, residual=True, ln=True, lead=None, device=DEVICE, seed=None):
@@ -212,6 +225,159 @@ def test_every_candidate_tile(M, tile):
         assert_close(out, reference64(inp, "gelu_tanh"), torch.float32, f"tile {tile} split {split}")
 
 
+# --------------------------------------------------------------------------------------------
+# the attention combine in the out-projection's prologue
+# --------------------------------------------------------------------------------------------
+def attention_step(B, H, D, S_max, pos, n_split, dtype, pad, seed):
+    """One decode attention step left as partials (``combine=False``), on a random cache.
+
+    Returns ``(partials, ref_attn)``: ``ref_attn`` (B, 1, H*D) float64 is the reference attention
+    output rounded to ``dtype`` (what a stored attention output holds) -- the out-projection's x.
+    The partials workspace is poisoned with NaN first: splits that must not be read stay NaN.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)  # noqa: E731
+    k_cache, v_cache = rnd(B, H, S_max, D), rnd(B, H, S_max, D)
+    qkv = rnd(B, 1, 3 * H * D)
+    q, k, v = qkv.view(B, 1, 3, H, D).unbind(2)  # (B, 1, H, D) strided views, as in the model
+    # Row 1 (when present) is all padding (an all-pad row gives 0), row 2 starts mid-history.
+    row_start = torch.tensor([0, pos + 1, pos // 2][:B] + [0] * max(0, B - 3), dtype=torch.int32, device=DEVICE)
+    if not pad:
+        row_start.zero_()
+    kr, vr = k_cache.double().clone(), v_cache.double().clone()
+    workspace = AD.decode_workspace(B, H, D, S_max, DEVICE, n_split=n_split)
+    for t in workspace.values():
+        t.fill_(float("nan"))
+    cache_pos = torch.tensor([pos], dtype=torch.int32, device=DEVICE)
+    partials = AD.decode_attention(q, k, v, k_cache, v_cache, cache_pos, row_start, workspace, combine=False)
+    ref = reference.attention(q.double(), k.double(), v.double(), kr, vr, pos, row_start)  # (B, 1, H, D)
+    return partials, ref.to(dtype).double().flatten(2)  # (B, 1, H*D)
+
+
+def reference_out_projection(ref_attn, inp):
+    """float64 ``residual + ref_attn @ W^T + bias``."""
+    d = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    return reference.linear(ref_attn, d["weight"], d["bias"], residual=d["residual"])
+
+
+# (B, H, S_max, pos, n_split, pad, config): M = 1 (element-wise path) and M > 1 (tl.dot), splits 1 .. 9,
+# the position on a chunk boundary, splits after the position (stale partials never read), split-K.
+ATTN_COMBINE_CASES = [
+    (1, 2, 40, 39, 1, False, None),
+    (1, 2, 100, 64, 7, False, None),
+    (1, 2, 150, 20, 9, False, KL.GemvConfig(16, 64, 4, 1, 2)),  # split-K: each split combines its K
+    (3, 2, 70, 55, 5, True, None),
+    (2, 2, 50, 31, 2, True, KL.GemvConfig(16, 64, 4, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("B, H, S_max, pos, n_split, pad, config", ATTN_COMBINE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_out_projection_combines_attention_partials(B, H, S_max, pos, n_split, pad, config, dtype, gemv_launches):
+    D = 64
+    partials, ref_attn = attention_step(B, H, D, S_max, pos, n_split, dtype, pad, seed=pos + n_split)
+    assert partials.n_split == n_split
+    inp = make_inputs(B, 40, H * D, dtype, ln=False, lead=(B, 1), seed=n_split)
+    del inp["x"], inp["ln_weight"], inp["ln_bias"]
+    out = poisoned((B, 1, 40), dtype)
+    got = KL.linear(None, **inp, out=out, config=config, attn_partials=partials)
+    assert got is out and gemv_launches.launches == 1
+    record = launch_record()
+    assert record["linear"]["attn_combine"] is True and record["attention_decode"]["launches"] == 1
+    assert_close(out, reference_out_projection(ref_attn, inp), dtype, f"B={B} n_split={n_split} config={config}")
+
+
+def test_attention_partials_out_of_range_position_gives_nan():
+    partials, _ = attention_step(1, 2, 64, 40, 20, 3, torch.float32, False, seed=0)
+    partials.cache_pos.fill_(40)  # S_max: out of range (nothing valid; the combine says so loudly)
+    inp = make_inputs(1, 24, 128, torch.float32, ln=False, residual=False, lead=(1, 1))
+    out = KL.linear(None, inp["weight"], inp["bias"], attn_partials=partials)
+    assert out.isnan().all()
+
+
+def test_attention_partials_bad_arguments_raise(gemv_launches):
+    partials, _ = attention_step(1, 2, 64, 40, 20, 3, torch.float32, False, seed=0)
+    inp = make_inputs(1, 24, 128, torch.float32, lead=(1, 1))
+    with pytest.raises(ValueError, match="pass x or attn_partials, not both"):
+        KL.linear(inp["x"], inp["weight"], attn_partials=partials)
+    with pytest.raises(ValueError, match="no LayerNorm"):
+        KL.linear(None, inp["weight"], ln_weight=inp["ln_weight"], ln_bias=inp["ln_bias"], attn_partials=partials)
+    with pytest.raises(TypeError, match="attn_partials must be the AttentionPartials"):
+        KL.linear(None, inp["weight"], attn_partials=partials.o)
+    with pytest.raises(ValueError, match=r"weight must be \(N, K=128\)"):
+        KL.linear(None, inp["weight"][:, :100], attn_partials=partials)
+    assert gemv_launches.launches == 0
+
+
+# --------------------------------------------------------------------------------------------
+# the whole-row kernel (M == 1, K <= ROW_K_MAX) and the persistent LM head
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "N, K, epilogue, persistent",
+    [
+        (50, 77, "ln+bias+gelu_tanh", False),  # odd K: one masked 128-wide row, no K loop
+        (29, 768, "bias+residual", False),  # GPT-2's width
+        (15, 1600, "ln+bias", False),  # GPT-2 XL's width: one 2048-wide row, no 256-wide tail step
+        (5003, 77, "ln_only", True),  # an LM head: persistent, statistics once per program
+        (301, 130, "bias+gelu_erf", True),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_whole_row_kernel(N, K, epilogue, persistent, dtype, gemv_launches):
+    spec = dict(EPILOGUES[epilogue])
+    activation = spec.pop("activation")
+    inp = make_inputs(1, N, K, dtype, seed=N + K, **spec)
+    config = KL.default_config(1, N, K, DEVICE)
+    assert config == KL.row_config(K) and KL.uses_row_kernel(1, K, config)
+    workspaces = dict(KL._WORKSPACES)
+    out = run_gemv(inp, activation)
+    assert (gemv_launches.row.launches, gemv_launches.k_loop.launches) == (1, 0)
+    record = launch_record()["linear"]
+    assert record["kernel"] == "row" and record["n_split"] == 1 and record["persistent"] == persistent
+    assert KL._WORKSPACES == workspaces, "one K chunk per program: no split-K workspace"
+    assert_close(out, reference64(inp, activation), dtype, f"N={N} K={K} {epilogue}")
+
+
+def test_persistent_grid_and_the_k_loop_beyond_row_k_max():
+    n_sm = KL._num_sms(torch.device(DEVICE))
+    cfg = KL.row_config(768)
+    assert (cfg.block_n, cfg.block_k, cfg.split_k) == (4, 1024, 1)
+    assert KL.row_config(1600).block_k == 2048 and KL.row_config(1600).block_n == 2
+    programs, tiles = KL.row_grid(50257, cfg, DEVICE)
+    assert tiles == 12565 and programs == KL.PERSISTENT_PROGRAMS_PER_SM * n_sm < tiles
+    assert KL.row_grid(8, cfg, DEVICE) == (2, 2)
+    # K past ROW_K_MAX (GPT-2's 3072-wide projection) and M > 1 take the K-loop kernel.
+    assert not KL.uses_row_kernel(1, 3072, KL.default_config(1, 768, 3072, DEVICE))
+    assert not KL.uses_row_kernel(2, 768, KL.default_config(2, 768, 768, DEVICE))
+
+
+def test_whole_row_kernel_combines_attention_partials(gemv_launches):
+    partials, ref_attn = attention_step(1, 2, 64, 100, 64, 7, torch.float32, False, seed=11)
+    inp = make_inputs(1, 40, 128, torch.float32, ln=False, lead=(1, 1), seed=4)
+    del inp["x"], inp["ln_weight"], inp["ln_bias"]
+    out = KL.linear(None, **inp, out=poisoned((1, 1, 40), torch.float32), attn_partials=partials)
+    assert gemv_launches.row.launches == 1 and launch_record()["linear"]["attn_combine"]
+    assert_close(out, reference_out_projection(ref_attn, inp), torch.float32, "whole-row + combine")
+
+
+def test_pdl_switch(monkeypatch):
+    """One switch for the kernels' USE_PDL and the launch's launch_pdl: on only for a CUDA device
+    of capability >= 9 outside the interpreter, and off with FASTGPT_PDL=0."""
+    from fastgpt.kernels import utils
+
+    assert not utils.pdl_enabled("cpu")
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
+    monkeypatch.setattr(utils, "_capability_at_least_90", lambda index: index == 0)
+    monkeypatch.delenv("FASTGPT_PDL", raising=False)
+    assert utils.pdl_enabled("cuda:0") and not utils.pdl_enabled("cuda:1") and not utils.pdl_enabled("cpu")
+    monkeypatch.setenv("FASTGPT_PDL", "0")
+    assert not utils.pdl_enabled("cuda:0")
+    monkeypatch.setattr(utils, "interpreting", lambda: True)
+    monkeypatch.setenv("FASTGPT_PDL", "1")
+    assert not utils.pdl_enabled("cuda:0"), "gdc_* cannot run under the interpreter"
+
+
 def test_strided_rows_leading_dims_and_in_place_residual():
     B, T, K, N = 3, 4, 40, 24
     inp = make_inputs(B, N, K, torch.float16, lead=(B, T))
@@ -317,11 +483,13 @@ def test_buckets_and_split_heuristic():
 
 def test_candidate_configs_cover_every_tile_and_are_unique():
     for M, tiles in ((1, KL.M1_TILES), (8, KL.DOT_TILES)):
+        # M == 1 with K <= ROW_K_MAX: the whole-row config first, then the K-loop tiles.
+        row = [KL.row_config(768)] if M == 1 else []
         every = KL.candidate_configs(M, 2304, 768, DEVICE, exhaustive=True)
-        assert len(every) == len(set(every))
-        assert {(c.block_n, c.block_k, c.num_warps, c.num_stages) for c in every} == set(tiles)
+        assert len(every) == len(set(every)) and every[: len(row)] == row
+        assert {(c.block_n, c.block_k, c.num_warps, c.num_stages) for c in every[len(row):]} == set(tiles)
         auto = KL.candidate_configs(M, 2304, 768, DEVICE)
-        assert len(auto) == KL.AUTO_TILES and set(auto) <= set(every)
+        assert len(auto) == KL.AUTO_TILES + len(row) and set(auto) <= set(every)
         assert KL.default_config(M, 2304, 768, DEVICE) == auto[0]
 
 
@@ -393,6 +561,11 @@ def _run_steps(model, ids, n_decode, backend_name, monkeypatch, attention_on_tor
         if attention_on_torch:
             real = backend.attention
             mp.setattr(backend, "attention", lambda q, k, v, c, i, b: real(q, k, v, c, i, "torch"))
+            # The fused attention + out-projection too: torch attention, then our projection.
+            mp.setattr(
+                backend, "attention_residual_linear",
+                lambda q, k, v, c, i, p, x, b: backend.residual_linear(real(q, k, v, c, i, "torch").flatten(2), p, x, b, op="attn_proj"),
+            )  # fmt: skip
         return _steps(model, ids, n_decode)
 
 
@@ -456,6 +629,41 @@ def test_model_full_triton_backend_matches_torch_backend(monkeypatch):
     assert reports[-1]["linear.qkv.gemv"] == "triton" and reports[-1]["attention.decode"] == "triton"
 
 
+@pytest.mark.skipif(_triton_attention_importable() is not None, reason=str(_triton_attention_importable()))
+def test_model_decode_combines_attention_in_the_out_projection(monkeypatch):
+    """A decode step with several attention splits: the out-projection combines them (no combine
+    kernel), one split launch and 4 GEMVs per layer, logits equal the torch backend's (1e-4, fp32)."""
+    import fastgpt.kernels.attention_decode as AD_mod
+
+    monkeypatch.setenv("FASTGPT_LINEAR", "triton")
+    monkeypatch.setattr(AD_mod, "DECODE_MIN_CHUNK", 4)  # 12-slot cache -> 3 splits of 4
+    assert AD_mod.decode_num_splits(1, 2, 12) == 3
+    model = _tiny_model(n_layer=2, seed=2, vocab=97)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ref, _ = _run_steps(model, ids, 2, "torch", monkeypatch, attention_on_torch=False)
+    gemv = _GemvLaunches(monkeypatch)
+    combine_runs = []
+    real_combine = AD_mod._decode_combine_kernel.run
+    monkeypatch.setattr(AD_mod._decode_combine_kernel, "run", lambda *a, **k: combine_runs.append(1) or real_combine(*a, **k))
+    with monkeypatch.context() as mp:
+        mp.setenv("FASTGPT_BACKEND", "triton")
+        with torch.no_grad():
+            cache = model.new_cache(1, 12)
+            got = [model(ids, cache)]
+            for step in range(2):
+                token = got[-1][:, -1].argmax(-1, keepdim=True)
+                before = gemv.launches
+                reset_kernels_report()
+                got.append(model(token, cache))
+                report = kernels_report()
+                assert report["attention.decode"] == "triton" and report["attention.combine"] == "attn_proj", report
+                assert gemv.launches - before == 4 * model.config.n_layer + 1
+                assert launch_record()["attention_decode"]["n_split"] == 3
+    assert not combine_runs, "the combine kernel ran: the out-projection should have combined the splits"
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}"
+
+
 # --------------------------------------------------------------------------------------------
 # sm_90 compile checks (a subprocess without TRITON_INTERPRET: real JITFunctions)
 # --------------------------------------------------------------------------------------------
@@ -476,6 +684,16 @@ def _compile_specs() -> list[dict]:
     for dtype in ("fp32", "bf16"):
         specs.append(dict(dtype=dtype, block_m=1, tile=list(KL.M1_TILES[0]), split=True))
     specs.append(dict(dtype="bf16", block_m=16, tile=list(KL.DOT_TILES[0]), split=True))
+    # The out-projection with the attention combine in its prologue (no LayerNorm there).
+    for block_m, tiles in ((1, KL.M1_TILES), (16, KL.DOT_TILES)):
+        for split in (False, True):
+            specs.append(dict(dtype="fp16", block_m=block_m, tile=list(tiles[0]), split=split, attn=64))
+    # The whole-row kernel at GPT-2's and GPT-2 XL's widths (block_m 1, no split), with LayerNorm
+    # (QKV, FC, the LM head) and with the attention combine (the out-projection).
+    for dt, K in (("fp16", 768), ("fp16", 1600), ("fp32", 1600), ("bf16", 768)):
+        cfg = KL.row_config(K)
+        specs.append(dict(dtype=dt, block_m=1, tile=[cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages], split=False, row=True))
+    specs.append(dict(dtype="fp16", block_m=1, tile=[4, 1024, 4, 1], split=False, row=True, attn=64))
     return specs
 
 
@@ -483,6 +701,12 @@ def _barrier_between_stores_and(lines: list[str], atom: int) -> bool:
     """A ``bar.sync`` after the last global store that precedes the atomic (the partials)."""
     last_store = max(i for i in range(atom) if "st.global" in lines[i])
     return any("bar.sync" in line for line in lines[last_store:atom])
+
+
+def _loads_before_wait(lines: list[str]) -> int:
+    """Global loads the PTX issues before its first ``griddepcontrol.wait`` (the weight stream)."""
+    wait = next((i for i, line in enumerate(lines) if "griddepcontrol.wait" in line), len(lines))
+    return sum(1 for line in lines[:wait] if "ld.global" in line)
 
 
 def _compile_worker() -> None:
@@ -497,24 +721,32 @@ def _compile_worker() -> None:
 
     from fastgpt.kernels.utils import compile_for_hopper
 
-    kernel = KL._gemv_kernel
     results = []
     for spec in json.loads(sys.stdin.read()):
         dt = spec["dtype"]
         bn, bk, warps, stages = spec["tile"]
-        constexprs = dict(
-            _ALL_FLAGS, LN_ROW=2048 if spec["block_m"] == 1 else 0,  # GPT-2 XL's 1600 features
-            USE_SPLIT=spec["split"], BLOCK_M=spec["block_m"], BLOCK_N=bn, BLOCK_K=bk,
-            DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False,
-        )  # fmt: skip
+        attn = spec.get("attn", 0)
+        flags = dict(_ALL_FLAGS, HAS_LN=False) if attn else _ALL_FLAGS
+        kernel = KL._gemv_row_kernel if spec.get("row") else KL._gemv_kernel
+        if spec.get("row"):
+            constexprs = dict(flags, BLOCK_N=bn, ROW_K=bk, ATTN_HEAD_DIM=attn, USE_PDL=True)
+        else:
+            constexprs = dict(
+                flags, LN_ROW=2048 if spec["block_m"] == 1 and not attn else 0,  # GPT-2 XL's 1600 features
+                USE_SPLIT=spec["split"], BLOCK_M=spec["block_m"], BLOCK_N=bn, BLOCK_K=bk,
+                DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False,
+                ATTN_HEAD_DIM=attn, USE_PDL=True,  # the decode step's kernel, as it runs on sm_90
+            )  # fmt: skip
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
                 signature[name] = "constexpr"
             elif name == "part_ptr":
                 signature[name] = "*fp32"
-            elif name == "count_ptr":
+            elif name in ("count_ptr", "attn_pos_ptr"):
                 signature[name] = "*i32"
+            elif name.startswith("attn_") and name.endswith("_ptr"):
+                signature[name] = "*fp32"
             elif name.endswith("_ptr"):
                 signature[name] = "*" + dt
             elif name == "ln_eps":
@@ -523,9 +755,9 @@ def _compile_worker() -> None:
                 signature[name] = "i32"
         # compile_for_hopper (no argument specialisation) where shared memory peaks: fp32 dots.
         plain_shared = 0
-        if dt == "fp32" and spec["block_m"] == 16:
+        if dt == "fp32" and spec["block_m"] == 16 and not spec.get("row"):
             plain_shared = compile_for_hopper(kernel, signature, constexprs, warps, stages).metadata.shared
-        divisible = [n for n in signature if signature[n] != "constexpr" and n not in ("M", "n_split", "ln_eps")]
+        divisible = [n for n in signature if signature[n] != "constexpr" and n not in ("M", "n_split", "ln_eps") and not n.startswith("attn_")]
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         special = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -541,6 +773,8 @@ def _compile_worker() -> None:
                 atoms=[lines[i].strip() for i in atom],
                 barrier_before_atom=bool(atom) and _barrier_between_stores_and(lines, atom[0]),
                 cg_loads="ld.global.cg" in ptx,
+                pdl=["griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx],
+                loads_before_wait=_loads_before_wait(lines),
                 spills=spill_bytes(special.asm["cubin"]),
             )
         )
@@ -555,6 +789,9 @@ def test_every_config_compiles_for_sm90():
         assert r["shared"] <= H100_SHARED_MEMORY_BYTES, f"{spec}: {r['shared']} B of shared memory"
         assert r["vector_loads"], f"{spec}: no 16-byte loads of W"
         assert r["spills"] == 0, f"{spec}: {r['spills']} B of register spills"
+        assert r["pdl"] == [True, True], f"{spec}: griddepcontrol.wait / launch_dependents missing"
+        if spec["block_m"] == 1:  # the first weight tile is in flight before the wait
+            assert r["loads_before_wait"] >= 4, f"{spec}: {r['loads_before_wait']} loads before griddepcontrol.wait"
         if spec["block_m"] == 16:
             assert r["mma"] == (spec["dtype"] != "fp32"), f"{spec}: half dots on tensor cores, fp32 IEEE"
         if spec["split"]:
@@ -563,6 +800,7 @@ def test_every_config_compiles_for_sm90():
             assert r["barrier_before_atom"] and r["cg_loads"], spec
         else:
             assert not r["atoms"], spec
+    assert any(r["spec"].get("row") for r in results) and any(r["spec"].get("attn") for r in results)
     tiles_covered = {(r["spec"]["block_m"], tuple(r["spec"]["tile"])) for r in results}
     assert tiles_covered >= {(1, t) for t in KL.M1_TILES} | {(16, t) for t in KL.DOT_TILES}
 
@@ -578,9 +816,28 @@ GPT2_SHAPES = {
     "small.fc": (3072, 768, "ln+bias+gelu_tanh"),
     "small.mlp_proj": (768, 3072, "bias+residual"),
     "small.lm_head": (50257, 768, "ln_only"),
+    "xl.qkv": (4800, 1600, "ln+bias"),
     "xl.fc": (6400, 1600, "ln+bias+gelu_tanh"),
     "xl.mlp_proj": (1600, 6400, "bias+residual"),
+    "xl.lm_head": (50257, 1600, "ln_only"),  # the persistent whole-row kernel at M = 1
 }
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B", [1, 3, 16])
+@pytest.mark.parametrize("H, S_max, pos, n_split", [(12, 1024, 700, None), (25, 2048, 2047, None), (12, 1000, 300, 9)])
+def test_out_projection_combine_gpt2_shapes_cuda(B, H, S_max, pos, n_split, gemv_launches):
+    """GPT-2 small / XL out-projections (C = 768, 1600) consuming the decode attention's partials."""
+    if n_split is None:
+        n_split = AD.decode_num_splits(B, H, S_max)
+    partials, ref_attn = attention_step(B, H, 64, S_max, pos, n_split, torch.float16, True, seed=B)
+    C = H * 64
+    inp = make_inputs(B, C, C, torch.float16, ln=False, lead=(B, 1), seed=C)
+    del inp["x"], inp["ln_weight"], inp["ln_bias"]
+    out = KL.linear(None, **inp, out=poisoned((B, 1, C), torch.float16), attn_partials=partials)
+    torch.cuda.synchronize()
+    assert gemv_launches.launches == 1
+    assert_close(out, reference_out_projection(ref_attn, inp), torch.float16, f"B={B} C={C} n_split={n_split}")
 
 
 @pytest.mark.cuda
@@ -645,6 +902,80 @@ def test_split_k_under_cuda_graph_replay():
         assert_close(out, reference64(inp, None), torch.float16, f"replay {i}")
     _, counters = KL.workspace_for(M, N, cfg, K, "cuda")
     assert int(counters.abs().sum()) == 0
+
+
+def _libcudart():
+    """ctypes handle on the CUDA runtime torch loaded (libcudart.so.12 or .so)."""
+    import ctypes
+
+    for name in ("libcudart.so.12", "libcudart.so", "libcudart.so.13"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    pytest.skip("libcudart could not be loaded with ctypes: cannot read the captured graph")
+
+
+def _programmatic_edges(graph: torch.cuda.CUDAGraph) -> int:
+    """Edges of type cudaGraphDependencyTypeProgrammatic (= 1) in a captured graph.
+
+    A launch with cudaLaunchAttributeProgrammaticStreamSerialization, stream-captured, becomes a
+    programmatic dependency edge into its kernel node (CUDA >= 12.3, cudaGraphGetEdges_v2);
+    the kernel node attribute is not what capture records, so the edges are read.
+    """
+    import ctypes
+
+    rt = _libcudart()
+    if not hasattr(rt, "cudaGraphGetEdges_v2"):
+        pytest.skip("this CUDA runtime has no cudaGraphGetEdges_v2 (CUDA < 12.3): edge types unreadable")
+
+    class EdgeData(ctypes.Structure):  # cudaGraphEdgeData
+        _fields_ = [("from_port", ctypes.c_ubyte), ("to_port", ctypes.c_ubyte), ("type", ctypes.c_ubyte), ("reserved", ctypes.c_ubyte * 5)]
+
+    raw = ctypes.c_void_p(graph.raw_cuda_graph())
+    count = ctypes.c_size_t(0)
+    assert rt.cudaGraphGetEdges_v2(raw, None, None, None, ctypes.byref(count)) == 0
+    n = count.value
+    src, dst = (ctypes.c_void_p * max(n, 1))(), (ctypes.c_void_p * max(n, 1))()
+    data = (EdgeData * max(n, 1))()
+    assert rt.cudaGraphGetEdges_v2(raw, src, dst, data, ctypes.byref(count)) == 0
+    return sum(1 for i in range(n) if data[i].type == 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_pdl_survives_cuda_graph_capture(pdl, monkeypatch):
+    """Two dependent GEMVs (LayerNorm + FC, then the projection) captured in a graph: with PDL on
+    the second is a programmatic dependency of the first; FASTGPT_PDL=0 leaves none. Replay is
+    exact either way."""
+    from fastgpt.kernels.utils import pdl_enabled
+
+    monkeypatch.setenv("FASTGPT_PDL", pdl)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    assert pdl_enabled("cuda") == (pdl == "1")
+    first = make_inputs(1, 3072, 768, torch.float16, residual=False, seed=1)
+    second = make_inputs(1, 768, 3072, torch.float16, ln=False, seed=2)
+    h = torch.empty(1, 3072, dtype=torch.float16, device="cuda")
+    out = torch.empty(1, 768, dtype=torch.float16, device="cuda")
+
+    def step():
+        KL.linear(**first, activation="gelu_tanh", out=h)
+        KL.linear(h, second["weight"], second["bias"], residual=second["residual"], out=out)
+
+    step()  # compile, allocate the split-K workspace
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph(keep_graph=True)
+    with torch.cuda.graph(graph):
+        step()
+    edges = _programmatic_edges(graph)
+    assert (edges > 0) == (pdl == "1"), f"{edges} programmatic edges with FASTGPT_PDL={pdl}"
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_h = reference64(first, "gelu_tanh")
+    assert_close(h, ref_h, torch.float16, "graph replay, first GEMV")
+    ref = reference64(dict(second, x=h), None)
+    assert_close(out, ref, torch.float16, "graph replay, second GEMV")
 
 
 @pytest.mark.cuda
