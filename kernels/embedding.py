@@ -29,14 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_tensor, interpreting, note_launch, triton_usable_on
-
-try:
-    from .utils import pdl_enabled
-except ImportError:  # the PDL switch lands with the GEMV work; until then: no PDL
-
-    def pdl_enabled(device: torch.device | str) -> bool:
-        return False
+from .utils import check_tensor, interpreting, note_launch, pdl_enabled, triton_usable_on
 
 __all__ = ["embed", "BLOCK_C"]
 

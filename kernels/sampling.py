@@ -103,14 +103,7 @@ import triton.language as tl
 from fastgpt.reference import STATUS_NAN, STATUS_NO_TOKEN, STATUS_POS_INF
 
 from .sampling_noise import MAX_NOISE_VOCAB, NOISE_BLOCK, _noise_at, _noise_x4, _step_words, gumbel_noise
-from .utils import check_tensor, interpreting, note_launch, triton_usable_on
-
-try:
-    from .utils import pdl_enabled
-except ImportError:  # the PDL switch lands with the GEMV work; until then: no PDL
-
-    def pdl_enabled(device: torch.device | str) -> bool:
-        return False
+from .utils import check_tensor, interpreting, note_launch, pdl_enabled, triton_usable_on
 
 __all__ = [
     "sample",

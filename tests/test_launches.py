@@ -100,3 +100,16 @@ def test_the_torch_backend_oracle_is_counted_too(monkeypatch):
     counts = count_decode_launches(model, **OPTIONS["greedy-eos"])
     assert counts["backend"] == "torch" and counts["host_syncs"] == 0
     assert counts["launches_per_token"] > 64  # separate ops: why the Triton path exists
+
+
+@pytest.mark.parametrize("name", list(BUDGET))
+def test_several_attention_splits_stay_within_the_budget(name, models, triton_backend, monkeypatch):
+    """Long caches split the attention (flash-decoding); the split combine rides in the
+    out-projection's launch, so a layer stays at 5 launches (a GPU's split count, forced here)."""
+    from fastgpt.kernels import attention_decode
+
+    monkeypatch.setattr(attention_decode, "decode_num_splits", lambda batch, n_head, max_len: 4)
+    n_layer, budget = BUDGET[name]
+    counts = count_decode_launches(models[name], max_new_tokens=40, **OPTIONS["sampling-eos-min-new"])
+    assert max(counts["per_layer"]) <= 5, counts["ops_layer0"]
+    assert counts["launches_per_token"] <= budget
