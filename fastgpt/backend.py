@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -214,6 +215,18 @@ def attention_residual_linear(
 
 
 # --------------------------------------------------------------------------------------------
+# Embedding
+# --------------------------------------------------------------------------------------------
+def embed(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, cache) -> torch.Tensor:
+    """``wte[ids] + wpe[positions]`` ``(B, T, C)`` at the cache's next slots, one Triton launch
+    (positions from ``cache.pos_tensor`` and ``cache.row_start`` on the device)."""
+    from fastgpt.kernels import embedding
+
+    _record("embedding", "triton")
+    return embedding.embed(ids, wte, wpe, cache.pos_tensor, cache.row_start)
+
+
+# --------------------------------------------------------------------------------------------
 # Next-token selection
 # --------------------------------------------------------------------------------------------
 class SamplingState:
@@ -270,8 +283,50 @@ def allocate_workspaces(cache, sampling: SamplingState, vocab_size: int, backend
         sampling.workspace = triton_sampling.sampling_workspace(cache.batch, vocab_size, cache.device)
 
 
-def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) -> torch.Tensor:
-    """``(B, V)`` float32 logits -> ``(B,)`` int64 next tokens; advances ``state.step`` on the device."""
+class StepBookkeeping(NamedTuple):
+    """What a decode step updates besides choosing tokens (all device tensors, so a captured
+    graph serves any values): EOS ids ``(n_eos,)`` int64 (None: no EOS), the pad id ``()``
+    int64, the ``(B,)`` bool finished flags, the ``(1,)`` int64 token count, the ``(1,)`` int64
+    ``min_new_tokens`` bound (None: no EOS ban), the cache's ``(1,)`` int32 position and how far
+    this step advances it (0 after a prefill, whose model call advanced it)."""
+
+    eos: torch.Tensor | None
+    pad: torch.Tensor
+    finished: torch.Tensor
+    n_generated: torch.Tensor
+    min_new: torch.Tensor | None
+    cache_pos: torch.Tensor
+    cache_advance: int
+
+
+def ban_early_eos(scores: torch.Tensor, eos: torch.Tensor, n_generated: torch.Tensor, min_new: torch.Tensor) -> None:
+    """HF's ``min_new_tokens``: EOS columns of ``scores`` ``(B, V)`` to ``-inf`` while
+    ``n_generated < min_new`` (both ``(1,)`` device tensors), in place.
+
+    index_select / index_copy_ on the ``(B, n_eos)`` EOS columns: no host sync, graph-capturable,
+    and one bound serves every call (it is a device tensor, not a baked-in constant). The Triton
+    sampler does the same inside its first kernel.
+    """
+    eos_scores = scores.index_select(1, eos)  # (B, n_eos)
+    early = n_generated < min_new  # (1,)
+    scores.index_copy_(1, eos, torch.where(early, float("-inf"), eos_scores))
+
+
+def select_next_token(
+    logits: torch.Tensor,
+    state: SamplingState,
+    backend: str,
+    *,
+    book: StepBookkeeping | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(B, V)`` logits -> ``(B,)`` int64 next tokens; advances ``state.step`` on the device.
+
+    With ``book`` the whole rest of the decode step happens here too: the EOS ban before
+    ``min_new_tokens``, a finished row's pad, the finished flags, the token count and the cache
+    position; ``out`` receives the tokens (the step's input buffer). The Triton sampler does all of
+    it in its two launches; the PyTorch path (the oracle) in separate ops with the same semantics.
+    """
     if backend == "triton":
         import fastgpt.kernels.sampling as triton_sampling
 
@@ -281,11 +336,21 @@ def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) 
         if workspace is None or workspace["vocab"] != V or workspace["batch"] < B:
             # Allocated once per generate (or per captured graph), before any capture: replays reuse it.
             workspace = state.workspace = triton_sampling.sampling_workspace(B, V, logits.device)
+        extra = {}
+        if book is not None:
+            if book.eos is not None:
+                extra = dict(eos=book.eos, pad=book.pad, finished=book.finished, min_new_tokens=book.min_new)
+            extra.update(n_generated=book.n_generated, cache_pos=book.cache_pos, cache_advance=book.cache_advance)
         tokens = triton_sampling.sample(
             logits, state.temperature, state.top_k, state.top_p, state.min_p, state.seed, state.step,
-            workspace=workspace, status=state.status,
+            workspace=workspace, status=state.status, out=out, check_values=False, **extra,
         )  # fmt: skip
-    elif state.all_greedy:
+        if book is None:
+            state.step.add_(1)
+        return tokens
+    if book is not None and book.min_new is not None:
+        ban_early_eos(logits, book.eos, book.n_generated, book.min_new)
+    if state.all_greedy:
         _record("sample", "torch:greedy")
         tokens = reference.greedy(logits)
     else:
@@ -295,6 +360,17 @@ def select_next_token(logits: torch.Tensor, state: SamplingState, backend: str) 
             status=state.status, step=state.step,
         )  # fmt: skip
     state.step.add_(1)
+    if book is not None:
+        if book.eos is not None:
+            tokens = torch.where(book.finished, book.pad, tokens)
+            # (B, 1) == (1, n_eos): membership without torch.isin (whose CUDA path may sort).
+            book.finished.logical_or_((tokens[:, None] == book.eos[None, :]).any(dim=1))
+        book.n_generated.add_(1)
+        if book.cache_advance:
+            book.cache_pos.add_(book.cache_advance)
+    if out is not None:
+        out.copy_(tokens)
+        return out
     return tokens
 
 

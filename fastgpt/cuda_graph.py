@@ -9,10 +9,11 @@ launches all of it with one call, back to back on the GPU.
 
 What is captured
 ----------------
-:meth:`fastgpt.decoder.Decoder.step`, unchanged (the same function runs eagerly on the CPU, in
-CI and with the ``torch`` backend): embedding, every layer, final LayerNorm, LM head, the EOS ban
-(min_new_tokens), the sampler, the EOS -> pad bookkeeping; followed by a copy of the chosen tokens
-into the graph's input buffer, so replay ``n + 1`` reads what replay ``n`` chose. Everything that
+:meth:`fastgpt.decoder.Decoder.step_into`, unchanged (the same function runs eagerly on the CPU,
+in CI and with the ``torch`` backend): embedding, every layer, final LayerNorm, LM head, the EOS
+ban (min_new_tokens), the sampler, the EOS -> pad bookkeeping, the chosen tokens written into the
+graph's input buffer (by the sampler's last kernel), so replay ``n + 1`` reads what replay ``n``
+chose. Everything that
 changes from one step to the next is a device tensor that the step updates itself:
 ``cache.pos_tensor`` (the slot written), ``sampling.step`` (the RNG counter), ``n_generated``,
 ``finished``. The host-side ``cache.pos`` (which the eager path reads, and whose overflow check
@@ -198,9 +199,7 @@ class DecodeGraph:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=_shared_pool(self.key.device)):
-                    chosen = decoder.step(self.tokens)
-                    self.tokens.copy_(chosen)  # the next replay's input
-                del chosen  # a pool temporary: nothing keeps it between replays
+                    decoder.step_into(self.tokens)  # the next replay's input is this one's output
             finally:
                 # torch.cuda.graph leaves its capture stream current when capture_end()
                 # raises (an invalidated capture): restore the caller's stream.

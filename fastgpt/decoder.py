@@ -4,14 +4,18 @@
   token.
 * :meth:`Decoder.step` -- one token: ``(B,)`` last tokens -> ``(B,)`` next tokens.
 * :meth:`Decoder.choose` -- ``(B, V)`` logits -> ``(B,)`` tokens: the EOS ban before
-  ``min_new_tokens`` (:meth:`Decoder.process`, the only place it is implemented), the logits
-  processors, the sampler (or argmax), then the EOS -> pad bookkeeping of finished rows.
+  ``min_new_tokens``, the logits processors, the sampler (or argmax), then the EOS -> pad
+  bookkeeping of finished rows and the step's counters. Without processors all of it is one
+  :func:`fastgpt.backend.select_next_token` call (the Triton sampler's two launches).
 
 Everything :meth:`step` reads or writes that changes from one token to the next is a device tensor
 (the cache slot ``cache.pos_tensor``, the RNG step, the number of tokens generated, the finished
 flags, the sampler's status flags), so the same method runs eagerly (CPU, CI, the ``torch``
 backend) or captured once and replayed as a CUDA graph (:mod:`fastgpt.cuda_graph`, which imports
 this module; nothing here imports it back). Its only host-side effect is ``cache.pos += 1``.
+:meth:`Decoder.step_into` is the step a graph captures (tokens read from and written into one
+buffer); with the Triton backend it is ``1 + 5 x n_layer + 3`` launches at most (embedding,
+layers, ln_f + LM head, the sampler), counted by tests/test_launches.py.
 
 The host looks at the device only in :meth:`host_check` (the loops call it rarely): one read that
 says whether every row finished, and raises ``RuntimeError`` when the sampler flagged a row
@@ -37,16 +41,8 @@ _FAILURES = {
 }
 
 
-def ban_early_eos(scores: torch.Tensor, eos: torch.Tensor, n_generated: torch.Tensor, min_new: torch.Tensor) -> None:
-    """HF's ``min_new_tokens``: EOS columns of ``scores`` ``(B, V)`` to ``-inf`` while
-    ``n_generated < min_new`` (both ``(1,)`` device tensors), in place.
-
-    index_select / index_copy_ on the ``(B, n_eos)`` EOS columns: no host sync, graph-capturable,
-    and one bound serves every call (it is a device tensor, not a baked-in constant).
-    """
-    eos_scores = scores.index_select(1, eos)  # (B, n_eos)
-    early = n_generated < min_new  # (1,)
-    scores.index_copy_(1, eos, torch.where(early, float("-inf"), eos_scores))
+#: The one implementation of the min_new_tokens EOS ban in PyTorch (the Triton sampler bans inside).
+ban_early_eos = _backend.ban_early_eos
 
 
 def sampling_failure(status: torch.Tensor) -> str | None:
@@ -122,13 +118,16 @@ class Decoder:
         )
 
     # ---- the model ------------------------------------------------------------------------------
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """``(B, T)`` token ids at the cache's next slots -> ``(B, V)`` float32 logits of the last one.
+    def logits(self, ids: torch.Tensor, *, float32: bool = True, advance_device: bool = True) -> torch.Tensor:
+        """``(B, T)`` token ids at the cache's next slots -> ``(B, V)`` logits of the last one.
 
-        With an empty cache this is the prefill; HF processes logits in float32.
+        With an empty cache this is the prefill. ``float32``: HF processes logits in float32 (the
+        Triton sampler reads the model's dtype and converts in registers: no extra launch).
+        ``advance_device=False``: the caller advances ``cache.pos_tensor`` (the sampler does).
         """
         last_only = self.cache.pos == 0
-        return self.model(ids, self.cache, last_only=last_only)[:, -1].float()
+        logits = self.model(ids, self.cache, last_only=last_only, advance_device=advance_device)[:, -1]
+        return logits.float() if float32 else logits
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the whole ``(B, T)`` prompt, return the first new token ``(B,)``."""
@@ -136,7 +135,22 @@ class Decoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step: ``(B,)`` last tokens -> ``(B,)`` next tokens."""
-        return self.choose(self.logits(tokens[:, None]))
+        return self._step(tokens, out=None)
+
+    def step_into(self, tokens: torch.Tensor) -> None:
+        """One decode step in place: reads the ``(B,)`` last tokens from ``tokens`` and writes the
+        next ones into it. This is what a CUDA graph captures (the next replay's input is this
+        replay's output) and what tests/test_launches.py counts: with the Triton backend and no
+        processors, the embedding, the layers, ln_f + LM head and the sampler's two launches,
+        which also do the EOS ban, the EOS -> pad bookkeeping, this copy and every counter."""
+        self._step(tokens, out=tokens)
+
+    def _step(self, tokens: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        fused = self.backend == "triton" and self.processors is None
+        # The sampler advances the cache's device position with the other counters (one launch
+        # fewer); the model advances only the host position.
+        logits = self.logits(tokens[:, None], float32=not fused, advance_device=False)
+        return self.choose(logits, out=out, cache_advance=1)
 
     # ---- the choice -----------------------------------------------------------------------------
     def process(self, scores: torch.Tensor) -> torch.Tensor:
@@ -149,20 +163,30 @@ class Decoder:
         return scores
 
     def record(self, tokens: torch.Tensor) -> None:
-        """The ``(B,)`` tokens appended to each row: processors' state and the token count."""
+        """The ``(B,)`` tokens appended to each row (beam search): processors' state and the token count."""
         if self.processors is not None:
             self.processors.update(tokens)
         self.n_generated += 1
 
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """``(B, V)`` float32 logits -> ``(B,)`` int64 next tokens (pad for finished rows)."""
-        scores = self.process(logits)
-        tokens = _backend.select_next_token(scores, self.sampling, self.backend)
-        if self.eos is not None:
-            tokens = torch.where(self.finished, self.pad, tokens)
-            # (B, 1) == (1, n_eos): membership without torch.isin (whose CUDA path may sort).
-            self.finished |= (tokens[:, None] == self.eos[None, :]).any(dim=1)
-        self.record(tokens)
+    def choose(self, logits: torch.Tensor, *, out: torch.Tensor | None = None, cache_advance: int = 0) -> torch.Tensor:
+        """``(B, V)`` logits -> ``(B,)`` int64 next tokens (pad for finished rows), into ``out``
+        when given; advances the RNG step, the token count and ``cache.pos_tensor`` by
+        ``cache_advance``, all on the device.
+
+        Without processors everything after the LM head is one call of the sampler
+        (:func:`fastgpt.backend.select_next_token` with the step's bookkeeping: two launches with
+        the Triton backend). With processors the EOS ban and the processors run first, in PyTorch.
+        """
+        ban_inside = self.processors is None and self.ban_eos_early
+        if not ban_inside:
+            logits = self.process(logits)
+        book = _backend.StepBookkeeping(
+            eos=self.eos, pad=self.pad, finished=self.finished, n_generated=self.n_generated,
+            min_new=self.min_new if ban_inside else None, cache_pos=self.cache.pos_tensor, cache_advance=cache_advance,
+        )  # fmt: skip
+        tokens = _backend.select_next_token(logits, self.sampling, self.backend, book=book, out=out)
+        if self.processors is not None:
+            self.processors.update(tokens)
         return tokens
 
     # ---- the host's look ------------------------------------------------------------------------

@@ -99,12 +99,14 @@ class KVCache:
         self.pos_tensor.zero_()
         self.set_row_start(None)
 
-    def advance(self, n_tokens: int) -> None:
-        """Move past ``n_tokens`` just written, on the host and on the device."""
+    def advance(self, n_tokens: int, *, device: bool = True) -> None:
+        """Move past ``n_tokens`` just written, on the host and (``device``) on the device; with
+        ``device=False`` the caller advances ``pos_tensor`` itself (the decode step's sampler)."""
         if self.pos + n_tokens > self.max_len:
             raise ValueError(f"KV cache overflow: {self.pos} + {n_tokens} tokens > max_len {self.max_len}")
         self.pos += n_tokens
-        self.pos_tensor.add_(n_tokens)
+        if device:
+            self.pos_tensor.add_(n_tokens)
 
     def reorder_rows(self, row_index: torch.Tensor) -> None:
         """Make row ``b`` a copy of row ``row_index[b]`` (beam search), for the slots written so far.

@@ -8,10 +8,12 @@ layers are ``nn.Linear``: HF's Conv1D stores the transpose.
 Attention, the projections and the LayerNorms go through ``fastgpt.backend`` (``attention``,
 ``attention_residual_linear``, ``ln_linear``, ``residual_linear``), the boundary where the Triton
 kernels replace the PyTorch reference. The residual stream travels as ``(x, delta)``: ``delta`` is
-an update not yet added (the position embedding, or a projection that ran on cuBLAS), added by the
-next LayerNorm. With the Triton backend a decode step's layer is 5 launches: LN1 + QKV + bias,
-attention (split partials only), out-proj + split combine + bias + residual, LN2 + FC + bias +
-GELU, proj + bias + residual (see ``kernels/linear.py``).
+an update not yet added (the position embedding with the PyTorch backend, or a projection that ran
+on cuBLAS), added by the next LayerNorm. With the Triton backend the embedding is one launch
+(``wte + wpe``, ``kernels/embedding.py``) and a decode step's layer is 5 launches: LN1 + QKV +
+bias, attention (split partials only), out-proj + split combine + bias + residual, LN2 + FC +
+bias + GELU, proj + bias + residual (see ``kernels/linear.py``); tests/test_launches.py counts
+them.
 """
 
 from __future__ import annotations
@@ -204,10 +206,14 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         *,
         last_only: bool = False,
+        advance_device: bool = True,
     ) -> torch.Tensor:
         """Logits ``(B, T, V)`` (``(B, 1, V)`` with ``last_only``) for ``input_ids`` ``(B, T)``.
 
         Without a cache, a temporary one of length T is used (one code path for both).
+        ``advance_device=False`` advances only the host position ``cache.pos``: the caller
+        advances ``cache.pos_tensor`` itself (the decode step does it in the sampler's last
+        kernel, saving a launch).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}")
@@ -217,12 +223,13 @@ class GPT(nn.Module):
                 raise ValueError(f"input_ids has {T} tokens, more than n_positions ({self.config.n_positions})")
             cache = self.new_cache(B, T)
         backend = _backend.resolve_backend(self.device)
-        # The residual stream starts as (token embedding, pending position embedding): the first
-        # LayerNorm adds them (one add + LayerNorm launch, or the add in front of a fused GEMV).
-        x, delta = self.embed_parts(input_ids, cache)
+        # The residual stream starts as (token embedding, pending position embedding): one
+        # embedding launch with the Triton backend (delta None); the PyTorch backend leaves the
+        # position embedding pending for the first LayerNorm.
+        x, delta = self.embed_parts(input_ids, cache, backend)
         for block in self.h:
             x, delta = block(x, cache, backend, delta)
-        cache.advance(T)
+        cache.advance(T, device=advance_device)
         if last_only:
             x = x[:, -1:]  # (B, 1, C) strided views; the kernels take the row stride
             delta = None if delta is None else delta[:, -1:]
@@ -231,8 +238,14 @@ class GPT(nn.Module):
         logits, _ = _backend.ln_linear(x, delta, self.ln_f, head, backend, op="lm_head")
         return logits
 
-    def embed_parts(self, input_ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(token embeddings, position embeddings)``, each (B, T, C), not yet added."""
+    def embed_parts(
+        self, input_ids: torch.Tensor, cache: KVCache, backend: str = "torch"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual stream's start as ``(x, delta)``, each (B, T, C): with the Triton backend
+        ``(token + position embeddings, None)`` in one launch (:func:`fastgpt.backend.embed`),
+        otherwise ``(token embeddings, position embeddings)``, not yet added."""
+        if backend == "triton":
+            return _backend.embed(input_ids, self.wte.weight, self.wpe.weight, cache), None
         T = input_ids.shape[1]
         slots = cache.pos_tensor + torch.arange(T, device=input_ids.device, dtype=torch.int32)  # (T,)
         # (B, T): a left-padded row's first real token is position 0; pad slots get position 0 too.

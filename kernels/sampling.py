@@ -103,7 +103,7 @@ import triton.language as tl
 from fastgpt.reference import STATUS_NAN, STATUS_NO_TOKEN, STATUS_POS_INF
 
 from .sampling_noise import MAX_NOISE_VOCAB, NOISE_BLOCK, _noise_at, _noise_x4, _step_words, gumbel_noise
-from .utils import check_tensor, interpreting, note_launch, triton_usable_on
+from .utils import check_tensor, interpreting, note_launch, pdl_enabled, triton_usable_on
 
 __all__ = [
     "sample",
@@ -595,9 +595,11 @@ def _chunk_kernel(
     temp_ptr, stride_temp, topk_ptr, stride_topk, topp_ptr, stride_topp, minp_ptr, stride_minp,
     seed_ptr, step_ptr,
     cmax_ptr, csum_ptr, carg_ptr, ctheta_ptr, ccount_ptr, cgum_ptr, cgidx_ptr, cval_ptr, cidx_ptr, cflag_ptr,
+    eos_ptr, n_eos, n_gen_ptr, min_new_ptr,
     TILE: tl.constexpr, TILES: tl.constexpr, K_C: tl.constexpr, SEL_ITERS: tl.constexpr,
+    BAN_EOS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """Pass 1 for chunk ``c`` of row ``b``: chunk statistics, race winner or candidates."""
+    """Pass 1 for chunk ``c`` of row ``b``: the EOS ban, chunk statistics, race winner or candidates."""
     b = tl.program_id(0)
     c = tl.program_id(1)
     CHUNK: tl.constexpr = TILE * TILES
@@ -606,7 +608,11 @@ def _chunk_kernel(
     idx = (c + n_chunks * (j // TILE)) * TILE + (j % TILE)
     valid = idx < V
     row_ptr = logits_ptr + b.to(tl.int64) * stride_row
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # the logits are the LM head's output
     raw = tl.load(row_ptr + idx, mask=valid, other=float("-inf"))
+    if BAN_EOS:
+        raw = _ban_early_eos(raw, idx, row_ptr, c, n_chunks, V, eos_ptr, n_eos, n_gen_ptr, min_new_ptr, TILE)
 
     temp = tl.load(temp_ptr + b * stride_temp)
     k = tl.load(topk_ptr + b * stride_topk)
@@ -658,6 +664,53 @@ def _chunk_kernel(
         tl.store(cidx_ptr + base + pos, idx, mask=sel)
         tl.store(ctheta_ptr + slot, theta)
         tl.store(ccount_ptr + slot, tl.sum(sel.to(tl.int32), 0))
+
+
+@triton.jit
+def _ban_early_eos(raw, idx, row_ptr, c, n_chunks, V, eos_ptr, n_eos, n_gen_ptr, min_new_ptr, TILE: tl.constexpr):
+    """HF's ``min_new_tokens``: while ``n_generated < min_new`` every EOS id scores ``-inf``.
+
+    In the chunk's registers, and written back to the logits row by the chunk that owns the token
+    (each token belongs to one chunk, which reads it before writing), so pass 2's passes over the
+    row see the ban too -- as the reference bans in place.
+    """
+    if tl.load(n_gen_ptr) < tl.load(min_new_ptr):
+        i = 0
+        while i < n_eos:  # (a while loop: the interpreter cannot range() over a runtime bound)
+            e = tl.load(eos_ptr + i).to(tl.int32)
+            raw = tl.where(idx == e, float("-inf"), raw)
+            owner = (e >= 0) & (e < V) & ((e // TILE) % n_chunks == c)
+            tl.store(row_ptr + e, tl.full([], float("-inf"), tl.float32).to(row_ptr.dtype.element_ty), mask=owner)
+            i += 1
+    return raw
+
+
+@triton.jit
+def _finish_step(tok, b, n_rows, eos_ptr, n_eos, pad_ptr, finished_ptr, step_ptr, n_gen_ptr, pos_ptr, pos_advance,
+                 arrive_ptr, HAS_EOS: tl.constexpr, ADVANCE: tl.constexpr):
+    """The step's bookkeeping after row ``b`` chose ``tok`` (int64); returns the token to store.
+
+    EOS: a finished row emits ``pad``; a row whose token is an EOS id is finished from now on.
+    ADVANCE: the last program to arrive (an atomic count: every program has read ``step`` before
+    it arrives) advances the RNG step and the token count by 1 and the cache position by
+    ``pos_advance``, then clears the count for the next launch.
+    """
+    if HAS_EOS:
+        done = tl.load(finished_ptr + b) != 0
+        tok = tl.where(done, tl.load(pad_ptr), tok)
+        i = 0
+        while i < n_eos:
+            done |= tl.load(eos_ptr + i) == tok
+            i += 1
+        tl.store(finished_ptr + b, done.to(finished_ptr.dtype.element_ty))
+    if ADVANCE:
+        arrived = tl.atomic_add(arrive_ptr, 1)
+        if arrived == n_rows - 1:
+            tl.store(step_ptr, tl.load(step_ptr) + 1)
+            tl.store(n_gen_ptr, tl.load(n_gen_ptr) + 1)
+            tl.store(pos_ptr, tl.load(pos_ptr) + pos_advance)
+            tl.store(arrive_ptr, 0)
+    return tok
 
 
 @triton.jit
@@ -859,11 +912,15 @@ def _row_kernel(
     seed_ptr, step_ptr,
     cmax_ptr, csum_ptr, carg_ptr, ctheta_ptr, ccount_ptr, cgum_ptr, cgidx_ptr, cval_ptr, cidx_ptr, cflag_ptr,
     sval_ptr, sidx_ptr, path_ptr, status_ptr, out_ptr, stride_out,
+    eos_ptr, n_eos, pad_ptr, finished_ptr, n_gen_ptr, pos_ptr, pos_advance, arrive_ptr, n_rows,
     C_PAD: tl.constexpr, K_C: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, DRAW: tl.constexpr,
-    HEAD: tl.constexpr,
+    HEAD: tl.constexpr, HAS_EOS: tl.constexpr, ADVANCE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """Pass 2 for row ``b``: combine the chunks, flag a bad row, resolve the kept set, draw."""
+    """Pass 2 for row ``b``: combine the chunks, flag a bad row, resolve the kept set, draw; then
+    the step's bookkeeping (:func:`_finish_step`)."""
     b = tl.program_id(0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # the chunk statistics are pass 1's output
     temp = tl.load(temp_ptr + b * stride_temp)
     k = tl.load(topk_ptr + b * stride_topk)
     top_p = tl.load(topp_ptr + b * stride_topp)
@@ -906,8 +963,12 @@ def _row_kernel(
                                    sval_ptr + b.to(tl.int64) * CAP, sidx_ptr + b.to(tl.int64) * CAP,
                                    seed, b, step_lo, step_hi, CAP, BLOCK, DRAW, HEAD)
 
-    tok = tl.minimum(tl.maximum(tok, 0), V - 1)  # the token is in range whatever the input
-    tl.store(out_ptr + b * stride_out, tok.to(tl.int64))
+    tok = tl.minimum(tl.maximum(tok, 0), V - 1).to(tl.int64)  # the token is in range whatever the input
+    tok = _finish_step(tok, b, n_rows, eos_ptr, n_eos, pad_ptr, finished_ptr, step_ptr, n_gen_ptr, pos_ptr,
+                       pos_advance, arrive_ptr, HAS_EOS, ADVANCE)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    tl.store(out_ptr + b * stride_out, tok)
     tl.store(path_ptr + b, path)
 
 
@@ -993,6 +1054,9 @@ def sampling_workspace(
         "path": path,
         # Where the flags of a call without ``status=`` go (written, never read).
         "status_sink": torch.zeros((batch, 2), dtype=i32, device=device),
+        # Row programs of pass 2 that finished this launch (the last one advances the counters
+        # and clears it): zero between launches.
+        "arrivals": torch.zeros(1, dtype=i32, device=device),
         "constexprs": _kernel_constexprs(cfg),
     }
 
@@ -1026,6 +1090,14 @@ def sample(
     workspace: dict | None = None,
     config: SamplerConfig | None = None,
     status: torch.Tensor | None = None,
+    eos: torch.Tensor | None = None,
+    pad: torch.Tensor | None = None,
+    finished: torch.Tensor | None = None,
+    n_generated: torch.Tensor | None = None,
+    min_new_tokens: torch.Tensor | None = None,
+    cache_pos: torch.Tensor | None = None,
+    cache_advance: int = 0,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Draw the next token of every row: temperature, top-k, top-p, min-p and the draw, fused.
 
@@ -1048,6 +1120,17 @@ def sample(
         ``|= STATUS_NO_TOKEN``; ``status[b, 1]`` gets ``step`` when ``status[b, 0]`` was 0 before.
         Such a row returns its argmax. Greedy rows are never flagged (``torch.argmax`` semantics:
         NaN is the maximum).
+    eos, pad, finished : the decode step's EOS bookkeeping, all or none: ``(n_eos,)`` int64 EOS
+        ids (``n_eos >= 1``), ``(1,)`` int64 pad id, ``(B,)`` bool finished flags. A finished row
+        emits ``pad``; a row that emits an EOS id is marked finished (in the last kernel).
+    n_generated : (1,) int64 tokens generated so far. Given: the last kernel adds 1 to it, 1 to
+        ``step`` and ``cache_advance`` to ``cache_pos`` ((1,) int32, required then) once every
+        row has read them -- the whole step's counters, no extra launch.
+    min_new_tokens : (1,) int64; with ``eos`` and ``n_generated``: every EOS id scores ``-inf``
+        (also written into ``logits``, as the reference bans in place) while
+        ``n_generated < min_new_tokens``.
+    check_values : check the settings' values when the tensors are on the CPU (a caller that
+        validated them host-side passes False: the check reads tensors back).
 
     All tensors on one device: CUDA, or the CPU under ``TRITON_INTERPRET=1``. Values are checked
     only for CPU tensors (a check on the GPU would need a sync): the caller validates host-side
@@ -1088,7 +1171,10 @@ def sample(
         check_tensor(status, "status", ndim=2, dtypes=(torch.int32,), device=dev)
         if status.shape[0] < B or status.shape[1] != 2 or not status.is_contiguous():
             raise ValueError(f"status must be a contiguous ({B}, 2) int32 tensor, got shape {tuple(status.shape)}")
-    if dev.type == "cpu":
+    has_eos, advance, ban = _check_step_bookkeeping(
+        B, dev, eos, pad, finished, n_generated, min_new_tokens, cache_pos, cache_advance
+    )
+    if dev.type == "cpu" and check_values:
         check_sampling_settings(temperature, top_k, top_p, min_p)
 
     if workspace is not None:
@@ -1120,15 +1206,68 @@ def sample(
         ws["chunk_race"], ws["chunk_race_idx"], ws["cand_val"], ws["cand_idx"], ws["chunk_flags"],
     )
     k1, k2 = ws["constexprs"]
+    # Absent bookkeeping tensors: any int tensor of the workspace stands in (never read).
+    stand_in = ws["arrivals"]
+    eos_args = (eos, eos.shape[0]) if has_eos else (stand_in, 0)
+    counter_args = (n_generated, cache_pos) if advance else (stand_in, stand_in)
+    use_pdl = pdl_enabled(dev)
+    pdl = {"launch_pdl": True} if use_pdl else {}
     _chunk_kernel[(B, n_chunks)](
-        logits, logits.stride(0), V, n_chunks, *settings, *chunk_bufs, **k1, num_warps=cfg.warps1,
-    )
+        logits, logits.stride(0), V, n_chunks, *settings, *chunk_bufs,
+        *eos_args, counter_args[0], min_new_tokens if ban else stand_in,
+        **k1, BAN_EOS=ban, USE_PDL=use_pdl, num_warps=cfg.warps1, **pdl,
+    )  # fmt: skip
     _row_kernel[(B,)](
         logits, logits.stride(0), V, n_chunks, *settings, *chunk_bufs,
         ws["scratch_val"], ws["scratch_idx"], ws["path"], status if status is not None else ws["status_sink"],
         out, out.stride(0),
-        **k2, num_warps=cfg.warps2,
-    )
+        *eos_args, pad if has_eos else stand_in, finished if has_eos else stand_in,
+        *counter_args, cache_advance, ws["arrivals"], B,
+        **k2, HAS_EOS=has_eos, ADVANCE=advance, USE_PDL=use_pdl, num_warps=cfg.warps2, **pdl,
+    )  # fmt: skip
     # What ran (contract C2): the path bits stay on the device until someone reads them.
-    note_launch("sample", "triton", interpreter=interpreting(), launches=2, config=cfg, path=ws["path"][:B])
+    note_launch(
+        "sample", "triton", interpreter=interpreting(), launches=2, config=cfg, path=ws["path"][:B],
+        eos=has_eos, ban_eos=ban, advance=advance, pdl=use_pdl,
+    )  # fmt: skip
     return out
+
+
+def _check_step_bookkeeping(B, dev, eos, pad, finished, n_generated, min_new_tokens, cache_pos, cache_advance):
+    """Validate :func:`sample`'s step-bookkeeping arguments; ``(has_eos, advance, ban)``."""
+    given = [t is not None for t in (eos, pad, finished)]
+    if any(given) and not all(given):
+        raise ValueError("eos, pad and finished must be given together (or none of them)")
+    has_eos = all(given)
+    if has_eos:
+        check_tensor(eos, "eos", ndim=1, dtypes=(torch.int64,), device=dev)
+        if eos.shape[0] < 1:
+            raise ValueError("eos must hold at least one id, got shape (0,)")
+        check_tensor(pad, "pad", dtypes=(torch.int64,), device=dev)
+        if pad.numel() != 1:
+            raise ValueError(f"pad must hold one id, got shape {tuple(pad.shape)}")
+        check_tensor(finished, "finished", ndim=1, dtypes=(torch.bool,), device=dev)
+        if finished.shape[0] != B:
+            raise ValueError(f"finished must have shape ({B},), got {tuple(finished.shape)}")
+    advance = n_generated is not None
+    if advance:
+        check_tensor(n_generated, "n_generated", ndim=1, dtypes=(torch.int64,), device=dev)
+        if n_generated.shape[0] != 1:
+            raise ValueError(f"n_generated must have shape (1,), got {tuple(n_generated.shape)}")
+        if cache_pos is None:
+            raise ValueError("cache_pos must be given with n_generated (the step's counters advance together)")
+        check_tensor(cache_pos, "cache_pos", ndim=1, dtypes=(torch.int32,), device=dev)
+        if cache_pos.shape[0] != 1:
+            raise ValueError(f"cache_pos must have shape (1,), got {tuple(cache_pos.shape)}")
+    elif cache_pos is not None:
+        raise ValueError("cache_pos is advanced only together with n_generated; give both")
+    if not isinstance(cache_advance, int) or cache_advance < 0:
+        raise ValueError(f"cache_advance must be an int >= 0, got {cache_advance!r}")
+    ban = min_new_tokens is not None
+    if ban:
+        if not (has_eos and advance):
+            raise ValueError("min_new_tokens needs eos, pad, finished and n_generated")
+        check_tensor(min_new_tokens, "min_new_tokens", ndim=1, dtypes=(torch.int64,), device=dev)
+        if min_new_tokens.shape[0] != 1:
+            raise ValueError(f"min_new_tokens must have shape (1,), got {tuple(min_new_tokens.shape)}")
+    return has_eos, advance, ban

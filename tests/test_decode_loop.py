@@ -173,3 +173,104 @@ def test_decode_step_launches_do_not_grow(case, monkeypatch):
         second = _count_ops(lambda: decoder.step(tokens))
     assert first == second, "a step launches the same ops every time"
     assert sum(first.values()) <= STEP_OPS_BEFORE[case] + STATUS_CHECK_OPS[case], dict(first)
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton decode step (embedding kernel, the sampler's bookkeeping) against the oracles
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def triton_eager(monkeypatch):
+    """The Triton backend (interpreter on a CPU), decoding eagerly; reports reset."""
+    from fastgpt.backend import reset_kernels_report
+    from fastgpt.kernels.utils import reset_launch_record
+
+    monkeypatch.setenv("FASTGPT_BACKEND", "triton")
+    monkeypatch.setenv("FASTGPT_CUDA_GRAPH", "0")
+    reset_kernels_report()
+    reset_launch_record()
+
+
+def _assert_fused_step_ran(eos: bool, ban: bool) -> None:
+    """The step ran the Triton embedding and the sampler with its bookkeeping (no fallback)."""
+    from fastgpt.backend import kernels_report
+    from fastgpt.kernels.utils import launch_record
+
+    ran, launches = kernels_report(), launch_record()
+    assert ran["embedding"] == "triton" and ran["sample"] == "triton"
+    sample = launches["sample"]
+    assert sample["impl"] == "triton" and sample["advance"] and sample["eos"] == eos and sample["ban_eos"] == ban
+
+
+def _hf_generate(hf, ids, n_new, mask=None, **options):
+    return hf.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                       max_new_tokens=n_new, do_sample=False, **options)  # fmt: skip
+
+
+def test_triton_step_matches_hf_greedy(triton_eager):
+    hf, model = pair("hd64-257")
+    ids = torch.randint(0, 257, (2, 5), generator=torch.Generator().manual_seed(1))
+    expected = _hf_generate(hf, ids, 8, pad_token_id=0)
+    assert torch.equal(model.generate(ids, 8), expected)
+    _assert_fused_step_ran(eos=False, ban=False)
+
+
+def test_triton_step_matches_hf_with_several_eos_ids_and_min_new_tokens(triton_eager):
+    hf, model = pair("hd64-257")
+    ids = torch.randint(0, 257, (2, 4), generator=torch.Generator().manual_seed(2))
+    free = _hf_generate(hf, ids, 10, pad_token_id=0)
+    # Row 0's 3rd token and row 1's 5th token are EOS ids: rows finish at different steps.
+    eos = [int(free[0, 4 + 2]), int(free[1, 4 + 4])]
+    expected = _hf_generate(hf, ids, 10, pad_token_id=0, eos_token_id=eos)
+    got = model.generate(ids, 10, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+    _assert_fused_step_ran(eos=True, ban=False)
+    # min_new_tokens bans every EOS id for the first 4 tokens (inside the sampler's first kernel).
+    expected = _hf_generate(hf, ids, 10, pad_token_id=0, eos_token_id=eos, min_new_tokens=4)
+    got = model.generate(ids, 10, eos_token_id=eos, pad_token_id=0, min_new_tokens=4)
+    assert torch.equal(got, expected)
+    _assert_fused_step_ran(eos=True, ban=True)
+
+
+def test_triton_step_matches_hf_on_a_left_padded_batch(triton_eager):
+    from tests.helpers import left_padded
+
+    hf, model = pair("hd64-257")
+    ids, mask = left_padded(257, [6, 3, 1], pad_id=0, seed=3)
+    free = _hf_generate(hf, ids, 6, mask, pad_token_id=0)
+    eos = [int(free[1, 6 + 1])]
+    expected = _hf_generate(hf, ids, 6, mask, pad_token_id=0, eos_token_id=eos)
+    got = model.generate(ids, 6, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+    _assert_fused_step_ran(eos=True, ban=False)
+
+
+def test_triton_sampling_matches_the_torch_backend_drawing_the_same_noise(monkeypatch):
+    """Sampling: the Triton step (ban, EOS, counters inside the sampler) against the PyTorch step
+    whose draw is the same Gumbel race (``reference.filter_logits`` + the sampler's own noise of
+    (seed, step, row)): the same tokens, step for step -- the RNG step advances identically."""
+    from fastgpt import reference
+    from fastgpt.kernels.sampling import gumbel_noise
+
+    seed = 5
+    options = dict(do_sample=True, temperature=0.9, top_k=50, top_p=0.95, seed=seed, pad_token_id=0)
+
+    def race(logits, temperature, top_k, top_p, min_p, generator=None, *, status=None, step=0):
+        x = reference.filter_logits(logits, temperature, top_k, top_p, min_p)  # (B, V), -inf outside
+        noise = gumbel_noise(x.shape[0], x.shape[1], torch.tensor([seed]), step.reshape(1))
+        return (x + noise).argmax(dim=-1)
+
+    _, model = pair("hd64-257")
+    ids = torch.randint(0, 257, (2, 4), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setenv("FASTGPT_BACKEND", "triton")
+    free = model.generate(ids, 10, **options)  # EOS ids the rows do draw
+    eos = [int(free[0, 4 + 3]), int(free[1, 4 + 6]), 256]
+    monkeypatch.setenv("FASTGPT_CUDA_GRAPH", "0")
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FASTGPT_BACKEND", backend)
+        with monkeypatch.context() as patch:
+            if backend == "torch":
+                patch.setattr(reference, "sample", race)
+            results[backend] = model.generate(ids, 10, eos_token_id=eos, min_new_tokens=2, **options)
+    assert torch.equal(results["triton"], results["torch"])
+    _assert_fused_step_ran(eos=True, ban=True)

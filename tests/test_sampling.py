@@ -750,7 +750,12 @@ PTR = {
     "cmax_ptr": "*fp32", "csum_ptr": "*fp32", "carg_ptr": "*i32", "ctheta_ptr": "*i32", "ccount_ptr": "*i32",
     "cgum_ptr": "*fp32", "cgidx_ptr": "*i32", "cval_ptr": "*fp32", "cidx_ptr": "*i32", "sval_ptr": "*fp32",
     "sidx_ptr": "*i32", "path_ptr": "*i32", "out_ptr": "*i64", "cflag_ptr": "*i32", "status_ptr": "*i32",
+    "eos_ptr": "*i64", "n_gen_ptr": "*i64", "min_new_ptr": "*i64", "pad_ptr": "*i64", "finished_ptr": "*i1",
+    "pos_ptr": "*i32", "arrive_ptr": "*i32",
 }
+# The decode step's launch: EOS ban, EOS bookkeeping, counters and PDL all on (the superset).
+STEP_FLAGS = {"_chunk_kernel": {"BAN_EOS": True, "USE_PDL": True},
+              "_row_kernel": {"HAS_EOS": True, "ADVANCE": True, "USE_PDL": True}}
 # Contiguous (B,) settings and out: the strides a real launch passes as 1 (Triton specialises an
 # int argument equal to 1 into a constexpr); the row stride is V, never 1 for a real vocabulary.
 UNIT_STRIDES = ("stride_temp", "stride_topk", "stride_topp", "stride_minp", "stride_out")
@@ -760,6 +765,7 @@ for name, constexprs, num_warps, logit_dtype, step_dtype, ones in json.loads(sys
     kernel = getattr(S if hasattr(S, name) else N, name)
     ptr = dict(PTR, out_ptr="*fp32") if name == "_noise_kernel" else PTR  # the noise is float32
     signature = {}
+    constexprs = dict(constexprs, **STEP_FLAGS.get(name, {}))
     if ones:  # the unit strides of a real launch
         constexprs = dict(constexprs, **{p.name: 1 for p in kernel.params if p.name in UNIT_STRIDES})
     for arg in kernel.arg_names:
@@ -774,7 +780,9 @@ for name, constexprs, num_warps, logit_dtype, step_dtype, ones in json.loads(sys
         else:
             signature[arg] = "i32"
     compiled = compile_for_hopper(kernel, signature, constexprs, num_warps, 1)
-    results.append([compiled.metadata.shared, spill_bytes(compiled.asm["cubin"])])
+    ptx = compiled.asm["ptx"]
+    pdl = ["griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx]
+    results.append([compiled.metadata.shared, spill_bytes(compiled.asm["cubin"]), pdl])
 print(json.dumps(results))
 """
 
@@ -812,9 +820,13 @@ def test_every_config_compiles_for_sm90():
     for half, proc in zip(halves, procs):
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-4000:]
-        for job, (shared, spills) in zip(half, json.loads(stdout.strip().splitlines()[-1])):
+        for job, (shared, spills, (waits, triggers)) in zip(half, json.loads(stdout.strip().splitlines()[-1])):
             assert shared <= H100_SHARED_MEMORY_BYTES, (job, shared)
             assert spills == 0, f"{spills} bytes of register spills (stack/local memory) in {job}"
+            if job[0] == "_chunk_kernel":  # PDL: waits for the LM head (dependents launch at its end)
+                assert waits, f"no griddepcontrol.wait in the sm_90 PTX of {job}"
+            if job[0] == "_row_kernel":  # PDL: waits for pass 1, lets the next step's embedding launch
+                assert waits and triggers, f"griddepcontrol wait/launch_dependents missing in the PTX of {job}"
 
 
 def test_configs_cover_every_vocab():
@@ -989,3 +1001,103 @@ def test_cuda_graph_capture_and_replay():
 def test_cuda_cpu_tensors_are_refused():
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         S.sample(torch.randn(1, 8), *_settings(1, device="cpu"), *_seed_step(0, 0, device="cpu"))
+
+
+# --------------------------------------------------------------------------------------------
+# The decode step's bookkeeping inside the sampler (EOS ban, EOS -> pad, counters)
+# --------------------------------------------------------------------------------------------
+def _book(B, eos, *, finished=(), n_generated=0, min_new=None, pos=7, device=DEV):
+    """The step-bookkeeping tensors of :func:`S.sample` (finished: the rows already finished)."""
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done[list(finished)] = True
+    return dict(
+        eos=torch.tensor(eos, dtype=torch.int64, device=device), pad=torch.tensor([0], dtype=torch.int64, device=device),
+        finished=done, n_generated=torch.tensor([n_generated], dtype=torch.int64, device=device),
+        min_new_tokens=None if min_new is None else torch.tensor([min_new], dtype=torch.int64, device=device),
+        cache_pos=torch.tensor([pos], dtype=torch.int32, device=device),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampling"])
+def test_step_bookkeeping_eos_pad_and_counters(temperature):
+    """Rows that emit an EOS id finish, finished rows emit pad, the counters advance once per
+    launch (not per row), and the arrival count is left at 0 for the next launch."""
+    B, V = 4, 1001  # several chunks: EOS ids owned by different chunks
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(B, V, generator=g).to(DEV)
+    settings = _settings(B, T=temperature, k=40)
+    seed_t, step_t = _seed_step(77, 3)
+    expected, _ = _expected_race(logits, settings, 77, 3) if temperature else (logits.argmax(-1), None)
+    # Rows 0 and 2 draw an EOS id; row 3 finished earlier; row 1 draws an ordinary token.
+    eos = [int(expected[0]), int(expected[2]), V - 1]
+    assert int(expected[1]) not in eos
+    book = _book(B, eos, finished=[3])
+    ws = S.sampling_workspace(B, V, DEV)
+    out = torch.full((B,), -5, dtype=torch.int64, device=DEV)  # poisoned
+    got = S.sample(logits, *settings, seed_t, step_t, workspace=ws, out=out, cache_advance=1, **book)
+    assert got is out
+    want = expected.clone()
+    want[3] = 0  # the pad id
+    assert out.tolist() == want.tolist()
+    assert book["finished"].tolist() == [True, False, True, True]
+    assert int(step_t) == 4 and int(book["n_generated"]) == 1 and int(book["cache_pos"]) == 8
+    assert int(ws["arrivals"]) == 0
+    ran = launch_record()["sample"]
+    assert ran["launches"] == 2 and ran["eos"] and ran["advance"] and not ran["ban_eos"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "sampling"])
+def test_step_bookkeeping_bans_eos_before_min_new_tokens(temperature):
+    """While n_generated < min_new_tokens every EOS id scores -inf (in the logits too, as the
+    reference bans in place); from then on EOS may be drawn."""
+    B, V = 3, 1001
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(B, V, generator=g).to(DEV)
+    eos = [5, 300, 777]  # in different chunks of the interleaved layout
+    logits[0, 300] = 40.0  # row 0's argmax (and near-certain draw) is an EOS id
+    logits[2, 777] = 40.0
+    settings = _settings(B, T=temperature)
+    for n_generated, min_new, banned in ((1, 2, True), (2, 2, False)):
+        book = _book(B, eos, n_generated=n_generated, min_new=min_new)
+        scores = logits.clone()
+        oracle = logits.clone()
+        if banned:
+            reference_ban = oracle.index_select(1, book["eos"])  # (B, n_eos)
+            oracle.index_copy_(1, book["eos"], torch.full_like(reference_ban, float("-inf")))
+        expected = _expected_race(oracle, settings, 9, 0)[0] if temperature else oracle.argmax(-1)
+        seed_t, step_t = _seed_step(9, 0)
+        got = S.sample(scores, *settings, seed_t, step_t, cache_advance=0, **book)
+        finished = [t in eos for t in expected.tolist()]
+        assert got.tolist() == expected.tolist() and book["finished"].tolist() == finished
+        assert torch.equal(scores, oracle)  # the ban is written into the logits, nothing else
+        assert int(book["cache_pos"]) == 7 and int(book["n_generated"]) == n_generated + 1
+        assert launch_record()["sample"]["ban_eos"]
+        if banned:
+            assert not any(finished)
+        else:
+            assert finished[0] and finished[2]
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(pad=None), ValueError, "eos, pad and finished must be given together"),
+        (dict(eos=torch.zeros(0, dtype=torch.int64)), ValueError, "eos must hold at least one id"),
+        (dict(finished=torch.zeros(3, dtype=torch.int32)), TypeError, "finished must have dtype"),
+        (dict(finished=torch.zeros(2, dtype=torch.bool)), ValueError, r"finished must have shape \(3,\)"),
+        (dict(cache_pos=torch.zeros(1, dtype=torch.int64)), TypeError, "cache_pos must have dtype"),
+        (dict(cache_pos=None), ValueError, "cache_pos must be given with n_generated"),
+        (dict(n_generated=None, min_new_tokens=None), ValueError, "cache_pos is advanced only together"),
+        (dict(eos=None, pad=None, finished=None), ValueError, "min_new_tokens needs eos, pad, finished and n_generated"),
+        (dict(cache_advance=-1), ValueError, "cache_advance must be an int >= 0, got -1"),
+    ],
+)
+def test_step_bookkeeping_bad_arguments_raise_before_any_launch(change, error, message):
+    B, V = 3, 50
+    args = {**_book(B, [1, 2], min_new=2), "cache_advance": 1, **change}
+    args = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    calls = launch_record().get("sample", {}).get("calls", 0)
+    seed_t, step_t = _seed_step(1, 0)
+    with pytest.raises(error, match=message):
+        S.sample(torch.randn(B, V, device=DEV), *_settings(B), seed_t, step_t, **args)
+    assert launch_record().get("sample", {}).get("calls", 0) == calls
