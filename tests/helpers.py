@@ -96,7 +96,7 @@ def emulate_graph_replay(monkeypatch) -> None:
         def replay() -> None:
             cache = graph.decoder.cache
             pos = cache.pos
-            graph.tokens.copy_(graph.decoder.step(graph.tokens))
+            graph.decoder.step_into(graph.tokens)  # what a real capture records
             cache.pos = pos  # like a real replay: the host position is left to DecodeGraph.step
 
         graph._replay = replay

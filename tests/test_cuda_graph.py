@@ -440,10 +440,10 @@ def test_capture_failure_falls_back_to_eager_with_one_warning(triton_on_cuda, mo
     expected, _ = generate_with(monkeypatch, "0", model, ids, 20)
     original = backend_module.select_next_token
 
-    def fails_while_capturing(logits, state, backend):
+    def fails_while_capturing(logits, state, backend, **bookkeeping):
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("simulated capture failure")
-        return original(logits, state, backend)
+        return original(logits, state, backend, **bookkeeping)
 
     monkeypatch.setattr(backend_module, "select_next_token", fails_while_capturing)
     with warnings.catch_warnings(record=True) as caught:
