@@ -444,6 +444,10 @@ def run_suite(args, save=None) -> dict:
         for row in rows:
             if row.get("step_gbs") is not None:
                 row["roofline_frac"] = row["step_gbs"] / result["copy_bandwidth_gbs"]
+            if row.get("predicted_tokens_per_s") is not None:  # the model's prediction, same bandwidth
+                step_s = perf_model.predict_step_s(row["bytes_per_token"], row["launches_per_token"],
+                                                   result["copy_bandwidth_gbs"], row["launch_overhead_us"])  # fmt: skip
+                row.update(predicted_tokens_per_s=row["batch"] / step_s, predicted_ms_per_token=step_s * 1e3)
     return result
 
 
