@@ -23,7 +23,7 @@ from fastgpt import FallbackWarning, kernels_report, reset_kernels_report
 from fastgpt import hf_compat
 from fastgpt.hf_compat import _check_signature
 from fastgpt.model import GPT
-from tests.helpers import HAS_CUDA, RecordingStreamer, assert_close
+from tests.helpers import RecordingStreamer, assert_close
 from tests.models import hf_gpt2
 from tests.stats import chisquare_pvalue
 
