@@ -31,6 +31,9 @@ import torch.nn.functional as F
 __all__ = [
     "attention",
     "attention_at",
+    "apply_rope",
+    "rope_positions",
+    "repeat_kv",
     "filter_logits",
     "sampling_probs",
     "greedy",
@@ -56,15 +59,21 @@ def attention(
     v_cache: torch.Tensor,
     start: int,
     row_start: torch.Tensor | None = None,
+    *,
+    rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ``k, v`` into the cache at slots ``[start, start + T)`` and attend causally.
 
     Parameters
     ----------
-    q, k, v : (B, T, H, D)
-    k_cache, v_cache : (B, H, S_max, D), updated in place.
+    q : (B, T, H, D); k, v : (B, T, H_kv, D) with ``H % H_kv == 0`` (grouped-query attention:
+        query head ``h`` reads K/V head ``h // (H // H_kv)``; ``H_kv == H`` is GPT-2's case).
+    k_cache, v_cache : (B, H_kv, S_max, D), updated in place.
     start : the cache slot of the first of the ``T`` new tokens (a host int).
     row_start : (B,) int, first valid slot of each row (left padding), or None for no padding.
+    rope : None, or the ``(D/2,)`` float32 rotary inverse frequencies: q and k are rotated
+        (:func:`apply_rope`) at positions ``slot - row_start`` (:func:`rope_positions`) before
+        ``k`` is written into the cache.
 
     Returns
     -------
@@ -72,11 +81,16 @@ def attention(
     """
     B, T, H, D = q.shape
     end = start + T
-    # (B, T, H, D) -> (B, H, T, D): the cache layout.
+    _check_gqa(q, k, v, k_cache)
+    if rope is not None:
+        slots = torch.arange(start, end, device=q.device)
+        positions = rope_positions(slots, row_start, B)  # (B, T)
+        q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
+    # (B, T, H_kv, D) -> (B, H_kv, T, D): the cache layout.
     k_cache[:, :, start:end] = k.transpose(1, 2)
     v_cache[:, :, start:end] = v.transpose(1, 2)
-    keys = k_cache[:, :, :end]  # (B, H, end, D)
-    values = v_cache[:, :, :end]
+    keys = repeat_kv(k_cache[:, :, :end], H)  # (B, H, end, D)
+    values = repeat_kv(v_cache[:, :, :end], H)
     queries = q.transpose(1, 2)  # (B, H, T, D)
     scale = 1.0 / math.sqrt(D)
 
@@ -112,6 +126,8 @@ def attention_at(
     v_cache: torch.Tensor,
     cache_pos: torch.Tensor,
     row_start: torch.Tensor,
+    *,
+    rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`attention` with the start slot as a ``(1,)`` device tensor instead of a host int.
 
@@ -121,7 +137,11 @@ def attention_at(
     """
     B, T, H, D = q.shape
     S = k_cache.shape[2]
+    _check_gqa(q, k, v, k_cache)
     slots = cache_pos.to(torch.long) + torch.arange(T, device=q.device)  # (T,)
+    if rope is not None:
+        positions = rope_positions(slots, row_start, B)  # (B, T)
+        q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
     k_cache.index_copy_(2, slots, k.transpose(1, 2).to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.transpose(1, 2).to(v_cache.dtype))
     k_slot = torch.arange(S, device=q.device)
@@ -130,10 +150,55 @@ def attention_at(
     is_pad_query = slots[None, :] < row_start[:, None]  # (B, T)
     allowed = allowed | (is_pad_query[:, :, None] & (k_slot == 0)[None, None, :])
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k_cache, v_cache, attn_mask=allowed[:, None], scale=1.0 / math.sqrt(D)
+        q.transpose(1, 2), repeat_kv(k_cache, H), repeat_kv(v_cache, H), attn_mask=allowed[:, None],
+        scale=1.0 / math.sqrt(D),
     )
     out = out.masked_fill(is_pad_query[:, None, :, None], 0.0)
     return out.transpose(1, 2)
+
+
+def _check_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> None:
+    H, H_kv = q.shape[2], k.shape[2]
+    if v.shape[2] != H_kv or k_cache.shape[1] != H_kv or H % H_kv:
+        raise ValueError(
+            f"q has {H} heads, k {H_kv}, v {v.shape[2]}, the cache {k_cache.shape[1]}: k, v and the cache "
+            "must have the same number of K/V heads, and it must divide q's"
+        )
+
+
+def repeat_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """``(B, H_kv, S, D) -> (B, n_head, S, D)``: each K/V head repeated for its ``n_head / H_kv``
+    query heads, in order (query head ``h`` gets K/V head ``h // group``, as Hugging Face's
+    ``repeat_kv``). A view-free no-op when ``H_kv == n_head``."""
+    group = n_head // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def rope_positions(slots: torch.Tensor, row_start: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """``(B, T)`` int64 rotary positions of cache ``slots`` ``(T,)``: ``slot - row_start[b]``,
+    so a left-padded row's first real token is position 0 (Hugging Face's ``position_ids`` from
+    the attention mask); pad slots get position 0 too (they are never attended to)."""
+    slots = slots.to(torch.long)[None, :].expand(batch, -1)
+    if row_start is None:
+        return slots
+    return (slots - row_start.to(device=slots.device, dtype=torch.long)[:, None]).clamp(min=0)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` ``(B, T, H, D)`` at ``positions`` ``(B, T)``, in x's dtype.
+
+    Hugging Face's Llama convention (rotate-half, not interleaved pairs): with ``f = pos *
+    inv_freq`` in float32 (``(B, T, D/2)``), ``cos = cos([f, f])`` and ``sin = sin([f, f])``
+    rounded to x's dtype, ``out = x * cos + rotate_half(x) * sin`` where ``rotate_half([a, b]) =
+    [-b, a]`` over the two halves of the head dimension. Kernels compute the same in float32 and
+    round once.
+    """
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(device=x.device, dtype=torch.float32)  # (B, T, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, D)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return x * cos + rotated * sin
 
 
 def _causal_mask(start: int, T: int, end: int, device: torch.device) -> torch.Tensor:
@@ -306,12 +371,40 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # Layer ops: LayerNorm with a residual add, linear with fused LayerNorm / bias / GELU / residual
 # --------------------------------------------------------------------------------------------
-__all__ += ["LINEAR_ACTIVATIONS", "add_layernorm", "linear"]
+__all__ += ["LINEAR_ACTIVATIONS", "GELU_APPROXIMATE", "NORMS", "activate", "add_layernorm", "add_rmsnorm", "linear"]
 
-#: The one GELU table. Activations a fused linear may apply, by name -> ``F.gelu``'s
-#: ``approximate`` argument. GPT-2 uses ``"gelu_tanh"`` (Hugging Face's ``gelu_new``; the HF
-#: names map onto these in ``fastgpt.config.ACTIVATIONS``, the kernels' codes derive from it).
-LINEAR_ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}
+#: GELU activations by name -> ``F.gelu``'s ``approximate`` argument. GPT-2 uses ``"gelu_tanh"``
+#: (Hugging Face's ``gelu_new``; the HF names map onto these in ``fastgpt.config.ACTIVATIONS``).
+GELU_APPROXIMATE = {"gelu_tanh": "tanh", "gelu": "none"}
+
+#: Every activation a fused linear may apply (the kernels' codes derive from this table):
+#: the GELUs, and ``"silu_glu"``, the gated SiLU of a SwiGLU MLP, which halves the width (see
+#: :func:`activate`).
+LINEAR_ACTIVATIONS = (*GELU_APPROXIMATE, "silu_glu")
+
+#: The normalisations a fused linear may apply to its input (``linear(norm=...)``).
+NORMS = ("layernorm", "rmsnorm")
+
+
+def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """Apply a :data:`LINEAR_ACTIVATIONS` activation to a projection's output ``y`` ``(..., N)``.
+
+    ``"silu_glu"``: ``y``'s columns are (gate, up) pairs -- the gate and up projections of a
+    SwiGLU MLP stored row-interleaved in one weight, row ``2j`` gate ``j``, row ``2j + 1`` up
+    ``j`` -- and the result is ``silu(gate) * up``, ``(..., N/2)``. Each pair sits in adjacent
+    columns, so a GEMV tile of even width holds whole pairs and applies this in its epilogue.
+    Each op rounds to the dtype, as Hugging Face's ``act(gate_proj(x)) * up_proj(x)``.
+    """
+    if activation is None:
+        return y
+    if activation == "silu_glu":
+        if y.shape[-1] % 2:
+            raise ValueError(f"silu_glu needs an even number of columns (gate, up pairs), got {y.shape[-1]}")
+        pairs = y.unflatten(-1, (y.shape[-1] // 2, 2))  # (..., N) -> (..., N/2, 2)
+        return F.silu(pairs[..., 0]) * pairs[..., 1]
+    if activation in GELU_APPROXIMATE:
+        return F.gelu(y, approximate=GELU_APPROXIMATE[activation])
+    raise ValueError(f"activation must be None or one of {list(LINEAR_ACTIVATIONS)}, got {activation!r}")
 
 
 def add_layernorm(
@@ -331,6 +424,26 @@ def add_layernorm(
     return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
 
 
+def rms_norm(s: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's ``LlamaRMSNorm``: ``weight * (s / sqrt(mean(s^2) + eps))``, the statistics
+    and the division in float32, the normalised row rounded to ``s``'s dtype before the weight
+    multiplies it (in the dtype)."""
+    s32 = s.to(torch.float32)
+    normed = s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(s.dtype)
+
+
+def add_rmsnorm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` (``x`` when None), ``h = RMSNorm(s)`` (:func:`rms_norm`). Returns ``(h, s)``."""
+    s = x if residual is None else x + residual
+    return rms_norm(s, weight, eps), s
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -341,31 +454,40 @@ def linear(
     ln_weight: torch.Tensor | None = None,
     ln_bias: torch.Tensor | None = None,
     ln_eps: float = 1e-5,
+    norm: str = "layernorm",
 ) -> torch.Tensor:
-    """``residual + act(LN(x) @ weight.T + bias)``, each stage optional, in ``x``'s dtype.
+    """``residual + act(norm(x) @ weight.T + bias)``, each stage optional, in ``x``'s dtype.
 
     Parameters
     ----------
     x : (..., K)
     weight : (N, K), ``nn.Linear`` layout.
     bias : (N,) or None.
-    activation : None, ``"gelu_tanh"`` or ``"gelu"`` (see :data:`LINEAR_ACTIVATIONS`).
-    residual : (..., N) or None, added last.
-    ln_weight, ln_bias : (K,) -- when given, ``x`` is first LayerNorm-ed (eps ``ln_eps``).
+    activation : None or one of :data:`LINEAR_ACTIVATIONS` (:func:`activate`); ``"silu_glu"``
+        makes the output ``(..., N/2)``.
+    residual : (..., N) (``(..., N/2)`` with ``"silu_glu"``) or None, added last.
+    ln_weight, ln_bias : (K,) -- when ``ln_weight`` is given, ``x`` is first normalised (eps
+        ``ln_eps``): ``norm="layernorm"`` (``ln_bias`` required) or ``"rmsnorm"`` (:func:`rms_norm`,
+        ``ln_bias`` must be None).
 
     Each stage runs as its own PyTorch op and rounds to the dtype, which is how the unfused model
     computes it (``x + c_proj(...)``, ``F.gelu(c_fc(ln_2(x)))``); fused kernels round once, at the
     end, and are compared with this function evaluated in float64.
     """
-    if (ln_weight is None) != (ln_bias is None):
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm == "layernorm" and (ln_weight is None) != (ln_bias is None):
         raise ValueError("ln_weight and ln_bias must be given together")
+    if norm == "rmsnorm" and ln_bias is not None:
+        raise ValueError("norm='rmsnorm' takes no ln_bias")
     if activation is not None and activation not in LINEAR_ACTIVATIONS:
-        raise ValueError(f"activation must be None or one of {sorted(LINEAR_ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(f"activation must be None or one of {list(LINEAR_ACTIVATIONS)}, got {activation!r}")
     if ln_weight is not None:
-        x = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, ln_eps)
-    y = F.linear(x, weight, bias)
-    if activation is not None:
-        y = F.gelu(y, approximate=LINEAR_ACTIVATIONS[activation])
+        if norm == "rmsnorm":
+            x = rms_norm(x, ln_weight, ln_eps)
+        else:
+            x = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, ln_eps)
+    y = activate(F.linear(x, weight, bias), activation)
     if residual is not None:
         y = residual + y
     return y

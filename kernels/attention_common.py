@@ -135,8 +135,13 @@ def _triton_configs(configs: list[dict]) -> list[triton.Config]:
 # --------------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------------
-def _check_qkv_and_cache(q, k, v, k_cache, v_cache, row_start, out, decode: bool):
-    """Shared launcher checks; returns (B, T, H, D, S_max). Raises before any kernel runs."""
+def _check_qkv_and_cache(q, k, v, k_cache, v_cache, row_start, out, decode: bool, rope=None):
+    """Shared launcher checks; returns (B, T, H, D, S_max) (H: query heads). Raises before any
+    kernel runs.
+
+    Grouped-query attention: ``k, v`` are ``(B, T, H_kv, D)`` and the caches ``(B, H_kv, S_max,
+    D)`` with ``H % H_kv == 0`` (``H_kv = k.shape[2]``). ``rope``: None or the ``(D/2,)``
+    float32 rotary inverse frequencies on q's device, contiguous."""
     check_tensor(q, "q", ndim=4, dtypes=SUPPORTED_DTYPES, last_dim_contiguous=True)
     device = q.device
     if not triton_usable_on(device):
@@ -151,14 +156,19 @@ def _check_qkv_and_cache(q, k, v, k_cache, v_cache, row_start, out, decode: bool
         raise ValueError(f"q must have batch, seq_len and n_head >= 1, got shape {tuple(q.shape)}")
     if decode and T != 1:
         raise ValueError(f"decode_attention takes one token per row: q must be (B, 1, H, D), got {tuple(q.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        check_tensor(t, name, ndim=4, dtypes=(q.dtype,), device=device, last_dim_contiguous=True)
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+    check_tensor(k, "k", ndim=4, dtypes=(q.dtype,), device=device, last_dim_contiguous=True)
+    H_kv = k.shape[2]
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != D or H_kv < 1 or H % H_kv:
+        raise ValueError(
+            f"k must be (B={B}, T={T}, H_kv, D={D}) with H_kv dividing q's {H} heads, got {tuple(k.shape)}"
+        )
+    check_tensor(v, "v", ndim=4, dtypes=(q.dtype,), device=device, last_dim_contiguous=True)
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(t, name, ndim=4, dtypes=(q.dtype,), device=device)
-        if t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
-            raise ValueError(f"{name} must be (B={B}, H={H}, S_max, D={D}), got {tuple(t.shape)}")
+        if t.shape[0] != B or t.shape[1] != H_kv or t.shape[3] != D:
+            raise ValueError(f"{name} must be (B={B}, H_kv={H_kv}, S_max, D={D}), got {tuple(t.shape)}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (B, H, S_max, D), got strides {t.stride()}")
     if k_cache.shape != v_cache.shape:
@@ -173,6 +183,10 @@ def _check_qkv_and_cache(q, k, v, k_cache, v_cache, row_start, out, decode: bool
         raise ValueError(f"row_start must have shape ({B},), got {tuple(row_start.shape)}")
     if not row_start.is_contiguous():
         raise ValueError("row_start must be contiguous")
+    if rope is not None:
+        check_tensor(rope, "rope", ndim=1, dtypes=(torch.float32,), device=device)
+        if rope.shape[0] != D // 2 or not rope.is_contiguous():
+            raise ValueError(f"rope must be the contiguous ({D // 2},) inverse frequencies, got shape {tuple(rope.shape)}")
     if out is not None:
         check_tensor(out, "out", ndim=4, dtypes=(q.dtype,), device=device, last_dim_contiguous=True)
         if out.shape != q.shape:

@@ -102,7 +102,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.reference import LINEAR_ACTIVATIONS
+from fastgpt.reference import GELU_APPROXIMATE, LINEAR_ACTIVATIONS
 
 from .attention_decode import AttentionPartials, _active_splits, combined_attention_tile
 from .layernorm import add_layernorm, as_rows, check_no_partial_overlap, check_rows_disjoint
@@ -128,8 +128,8 @@ __all__ = [
 GEMV_MAX_M = 16
 
 #: Activation name -> the kernel's ACTIVATION code: the names of the one table,
-#: :data:`fastgpt.reference.LINEAR_ACTIVATIONS` (name -> ``F.gelu``'s ``approximate``).
-ACTIVATIONS = {None: 0, **{name: {"tanh": 1, "none": 2}[approx] for name, approx in LINEAR_ACTIVATIONS.items()}}
+#: :data:`fastgpt.reference.LINEAR_ACTIVATIONS`, in its order (1 gelu_tanh, 2 gelu, 3 silu_glu).
+ACTIVATIONS = {None: 0, **{name: code for code, name in enumerate(LINEAR_ACTIVATIONS, start=1)}}
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
@@ -862,7 +862,7 @@ def cublas_linear(
     else:
         torch.mm(x_rows, weight.t(), out=out_rows)
     if activation is not None:
-        torch.ops.aten.gelu_(out_rows, approximate=LINEAR_ACTIVATIONS[activation])
+        torch.ops.aten.gelu_(out_rows, approximate=GELU_APPROXIMATE[activation])
     if residual is not None:
         out_rows.add_(as_rows(residual, "residual"))
     note_launch("linear", "cublas", layernorm=ln_weight is not None)
