@@ -134,10 +134,14 @@ def run_report() -> dict:
 # --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, backend: str) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, backend: str, *, rope: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal attention of ``T`` new tokens over ``cache`` (their K/V are written into it).
 
-    q, k, v: (B, T, H, D) views of the fused QKV projection. Returns (B, T, H, D).
+    q (B, T, H, D), k and v (B, T, H_kv, D): views of the fused QKV projection (grouped-query
+    attention when H_kv < H). ``rope``: the rotary inverse frequencies (LLaMA family), applied to
+    q and k inside the attention op, or None. Returns (B, T, H, D).
     """
     k_cache, v_cache = cache.layer(layer)
     T = q.shape[1]
@@ -151,36 +155,47 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: i
                 f"this model has {q.shape[-1]}; attention runs in PyTorch (CUDA-graph safe, slower)"
             )
             _record("attention", "torch:attention_at")
-            return reference.attention_at(q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start)
+            return reference.attention_at(q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start, rope=rope)
         if cache.pos == 0:
             _record("attention.prefill", "triton")
-            return attention_prefill.prefill_attention(q, k, v, k_cache, v_cache, cache.row_start)
+            return attention_prefill.prefill_attention(q, k, v, k_cache, v_cache, cache.row_start, rope=rope)
         if T == 1:
             _record("attention.decode", "triton")
             return attention_decode.decode_attention(
-                q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start, _decode_workspace(cache)
+                q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start, _decode_workspace(cache, q.shape[2]),
+                rope=rope,
             )
         # Several new tokens after a prefix (chunked prefill) has no kernel yet.
         _record("attention.extend", "torch")
     else:
         _record("attention.prefill" if cache.pos == 0 else ("attention.decode" if T == 1 else "attention.extend"), "torch")
     row_start = cache.row_start if cache.has_padding else None
-    return reference.attention(q, k, v, k_cache, v_cache, cache.pos, row_start)
+    return reference.attention(q, k, v, k_cache, v_cache, cache.pos, row_start, rope=rope)
 
 
-def _decode_workspace(cache) -> dict:
-    """The flash-decoding partials of ``cache``'s shape, kept in ``cache.workspace``."""
+def _decode_workspace(cache, n_head: int) -> dict:
+    """The flash-decoding partials for ``n_head`` query heads over ``cache``'s shape (its own
+    ``n_head`` counts K/V heads), kept in ``cache.workspace``."""
     workspace = cache.workspace.get("attention")
     if workspace is None:  # eager decoding: allocated at the first step (see allocate_workspaces)
         from fastgpt.kernels import attention_decode
 
-        workspace = attention_decode.decode_workspace(cache.batch, cache.n_head, cache.head_dim, cache.max_len, cache.device)
+        workspace = attention_decode.decode_workspace(cache.batch, n_head, cache.head_dim, cache.max_len, cache.device)
         cache.workspace["attention"] = workspace
     return workspace
 
 
 def attention_residual_linear(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, proj, x: torch.Tensor, backend: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache,
+    layer: int,
+    proj,
+    x: torch.Tensor,
+    backend: str,
+    *,
+    rope: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention then the residual out-projection ``x + attn @ W^T + b``, as ``(stream, pending delta)``.
 
@@ -204,13 +219,14 @@ def attention_residual_linear(
             if chosen.impl == "triton":
                 k_cache, v_cache = cache.layer(layer)
                 partials = attention_decode.decode_attention(
-                    q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start, _decode_workspace(cache), combine=False
-                )
+                    q, k, v, k_cache, v_cache, cache.pos_tensor, cache.row_start, _decode_workspace(cache, H),
+                    combine=False, rope=rope,
+                )  # fmt: skip
                 _record("attention.decode", "triton")
                 _record("attention.combine", "attn_proj")
                 _record(f"linear.attn_proj.{_phase(rows)}", "triton")
                 return triton_linear.linear(None, weight, bias, residual=x, config=chosen.config, attn_partials=partials), None
-    y = attention(q, k, v, cache, layer, backend)  # (B, T, H, D)
+    y = attention(q, k, v, cache, layer, backend, rope=rope)  # (B, T, H, D)
     return residual_linear(y.reshape(B, T, H * D), proj, x, backend, op="attn_proj")  # (B, T, H, D) -> (B, T, C)
 
 
@@ -263,8 +279,13 @@ def _is_zero(value) -> bool:
     return value == 0
 
 
-def allocate_workspaces(cache, sampling: SamplingState, vocab_size: int, backend: str) -> None:
+def allocate_workspaces(
+    cache, sampling: SamplingState, vocab_size: int, backend: str, *, n_head: int | None = None
+) -> None:
     """Allocate the decode step's scratch (attention split partials, sampler workspace) now.
+
+    ``n_head``: the model's query heads (None: the cache's, i.e. no grouped-query attention); the
+    partials are per query head.
 
     The CUDA-graph capture calls this on the main stream before its warm-up on a side stream, so
     no workspace a graph replays into is owned by the side stream's allocator pool.
@@ -277,7 +298,7 @@ def allocate_workspaces(cache, sampling: SamplingState, vocab_size: int, backend
 
     if "attention" not in cache.workspace and cache.head_dim in SUPPORTED_HEAD_DIMS:
         cache.workspace["attention"] = attention_decode.decode_workspace(
-            cache.batch, cache.n_head, cache.head_dim, cache.max_len, cache.device
+            cache.batch, n_head or cache.n_head, cache.head_dim, cache.max_len, cache.device
         )
     if sampling.workspace is None:
         sampling.workspace = triton_sampling.sampling_workspace(cache.batch, vocab_size, cache.device)
@@ -408,16 +429,32 @@ def _phase(x: torch.Tensor) -> str:
     return "gemv" if x.numel() // x.shape[-1] <= GEMV_MAX_M else "gemm"
 
 
+def _norm_of(ln) -> dict:
+    """The fused ops' norm keywords of a norm module: ``nn.LayerNorm`` (weight, bias; the ops'
+    default ``norm``) or ``nn.RMSNorm`` (weight only, ``norm="rmsnorm"``)."""
+    if isinstance(ln, torch.nn.RMSNorm):
+        eps = ln.eps if ln.eps is not None else torch.finfo(ln.weight.dtype).eps
+        return dict(ln_weight=ln.weight, ln_bias=None, ln_eps=eps, norm="rmsnorm")
+    return dict(ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps)
+
+
 def add_layernorm(
     x: torch.Tensor, ln, backend: str, *, residual: torch.Tensor | None = None, op: str = "layernorm"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(LN(x + residual), x + residual)`` (``residual`` None: ``(LN(x), x)``); one Triton launch."""
+    """``(norm(x + residual), x + residual)`` (``residual`` None: ``(norm(x), x)``) for a LayerNorm
+    or RMSNorm module ``ln``; one Triton launch."""
+    args = _norm_of(ln)
+    rms = args.get("norm") == "rmsnorm"
     if backend == "triton":
         import fastgpt.kernels.layernorm as triton_layernorm
 
         _record(f"layernorm.{op}", "triton")
+        if rms:
+            return triton_layernorm.add_rmsnorm(x, ln.weight, args["ln_eps"], residual=residual)
         return triton_layernorm.add_layernorm(x, ln.weight, ln.bias, ln.eps, residual=residual)
     _record(f"layernorm.{op}", "torch")
+    if rms:
+        return reference.add_rmsnorm(x, ln.weight, args["ln_eps"], residual=residual)
     return reference.add_layernorm(x, ln.weight, ln.bias, ln.eps, residual=residual)
 
 
@@ -431,31 +468,29 @@ def ln_linear(
     activation: str | None = None,
     op: str = "linear",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A LayerNorm followed by a projection, on the residual stream ``x + delta``.
+    """A norm (LayerNorm or RMSNorm module ``ln``) followed by a projection, on the residual
+    stream ``x + delta``.
 
-    Returns ``(act(LN(x + delta) @ W^T + b), x + delta)``: the projection, and the stream with
-    the pending update added (the next residual projection adds to it).
+    Returns ``(act(norm(x + delta) @ W^T + b), x + delta)``: the projection, and the stream with
+    the pending update added (the next residual projection adds to it). ``activation="silu_glu"``
+    halves the width (SwiGLU, see ``fastgpt.reference.activate``).
 
-    Triton backend: with a "triton" plan, one GEMV launch with the LayerNorm in its prologue
+    Triton backend: with a "triton" plan, one GEMV launch with the norm in its prologue
     (plus one add when ``delta`` is pending, i.e. after the embedding or a cuBLAS projection);
-    with a "cublas" plan, one add + LayerNorm launch, then cuBLAS and the activation.
+    with a "cublas" plan, one add + norm launch, then cuBLAS and the activation.
     """
     weight, bias = layer.weight, getattr(layer, "bias", None)
+    norm = _norm_of(ln)
     if backend == "triton":
         import fastgpt.kernels.linear as triton_linear
         import fastgpt.kernels.linear_plan as linear_plan
 
-        chosen = linear_plan.plan(
-            x, weight, bias, activation=activation, ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps
-        )
+        chosen = linear_plan.plan(x, weight, bias, activation=activation, **norm)
         _record(f"linear.{op}.{_phase(x)}", chosen.impl)
         if chosen.impl == "triton":
             if delta is not None:
                 x = x + delta
-            y = triton_linear.linear(
-                x, weight, bias, activation=activation,
-                ln_weight=ln.weight, ln_bias=ln.bias, ln_eps=ln.eps, config=chosen.config,
-            )  # fmt: skip
+            y = triton_linear.linear(x, weight, bias, activation=activation, config=chosen.config, **norm)
             return y, x
         h, x = add_layernorm(x, ln, backend, residual=delta, op=op)
         return triton_linear.cublas_linear(h, weight, bias, activation=activation), x

@@ -167,7 +167,9 @@ class DecodeGraph:
                 min_new_tokens=1 if key.ban_eos_early else 0,
             )
             self.tokens = torch.zeros(key.batch, dtype=torch.long, device=key.device)
-            _backend.allocate_workspaces(cache, sampling, model.config.vocab_size, key.backend)
+            _backend.allocate_workspaces(
+                cache, sampling, model.config.vocab_size, key.backend, n_head=model.config.n_head
+            )
         self._kv = (cache.k, cache.v)
         self._replay = None
         self.capture_s: float | None = None

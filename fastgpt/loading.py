@@ -1,11 +1,13 @@
-"""Reading GPT-2 weights: from a transformers model, a local directory, or the local HF cache.
+"""Reading weights: from a transformers model, a local directory, or the local HF cache.
 
 Never touches the network, and never imports the model (``fastgpt.model`` imports this module;
 it builds the GPT from what is read here). Hugging Face GPT-2 checkpoints name tensors
 ``transformer.h.0.attn.c_attn.weight`` and store the four projection weights (``c_attn``,
-``attn.c_proj``, ``c_fc``, ``mlp.c_proj``) as Conv1D, i.e. transposed relative to ``nn.Linear``;
-:func:`convert_hf_state_dict` maps both. Every error about a file names the file and what is
-wrong with it (a ``ValueError``, or ``FileNotFoundError`` for what is missing).
+``attn.c_proj``, ``c_fc``, ``mlp.c_proj``) as Conv1D, i.e. transposed relative to ``nn.Linear``.
+LLaMA-family checkpoints (``model.layers.0.self_attn.q_proj.weight``, ...) keep separate Q/K/V
+and gate/up projections, which fastgpt fuses (see ``fastgpt.model``).
+:func:`convert_hf_state_dict` maps all of them. Every error about a file names the file and what
+is wrong with it (a ``ValueError``, or ``FileNotFoundError`` for what is missing).
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def convert_hf_state_dict(
     hf_state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], config: GPTConfig
 ) -> dict[str, torch.Tensor]:
-    """Map a GPT2LMHeadModel state dict onto fastgpt's names, transposing Conv1D weights.
+    """Map a Hugging Face state dict onto fastgpt's names: GPT-2's with its Conv1D weights
+    transposed, the LLaMA family's with Q/K/V stacked and gate/up interleaved.
 
     ``expected`` is the fastgpt model's own state dict (meta tensors do: only names and shapes
     are read). Raises ValueError naming the tensor when a weight is missing or its shape does not
     fit ``config``.
     """
+    if config.is_llama:
+        return _convert_llama_family(hf_state, expected, config)
     out = {}
     for name, want in expected.items():
         hf_name = name if name.startswith("lm_head") else f"transformer.{name}"
@@ -74,8 +79,57 @@ def convert_hf_state_dict(
     return out
 
 
+#: fastgpt's name suffix -> the LLaMA-family tensors it is built from (``{}``: the layer index).
+_LLAMA_LAYER = {
+    "ln_1.weight": ("model.layers.{}.input_layernorm.weight",),
+    "ln_2.weight": ("model.layers.{}.post_attention_layernorm.weight",),
+    "attn.c_attn.weight": tuple(f"model.layers.{{}}.self_attn.{p}_proj.weight" for p in "qkv"),
+    "attn.c_attn.bias": tuple(f"model.layers.{{}}.self_attn.{p}_proj.bias" for p in "qkv"),
+    "attn.c_proj.weight": ("model.layers.{}.self_attn.o_proj.weight",),
+    "attn.c_proj.bias": ("model.layers.{}.self_attn.o_proj.bias",),
+    "mlp.c_fc.weight": ("model.layers.{}.mlp.gate_proj.weight", "model.layers.{}.mlp.up_proj.weight"),
+    "mlp.c_fc.bias": ("model.layers.{}.mlp.gate_proj.bias", "model.layers.{}.mlp.up_proj.bias"),
+    "mlp.c_proj.weight": ("model.layers.{}.mlp.down_proj.weight",),
+    "mlp.c_proj.bias": ("model.layers.{}.mlp.down_proj.bias",),
+}
+_LLAMA_TOP = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``(F, ...)`` gate and up -> ``(2F, ...)`` with row ``2j`` = gate ``j``, ``2j + 1`` = up ``j``:
+    each pair lands in adjacent output columns of the fused GEMV, whose epilogue computes
+    ``silu(gate) * up`` (``fastgpt.reference.activate``)."""
+    return torch.stack((gate, up), dim=1).flatten(0, 1)  # (F, 2, ...) -> (2F, ...)
+
+
+def _convert_llama_family(hf_state: dict, expected: dict, config: GPTConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, want in expected.items():
+        if name in _LLAMA_TOP:
+            sources = (_LLAMA_TOP[name],)
+        else:
+            _, index, suffix = name.split(".", 2)  # "h.{i}.{suffix}"
+            sources = tuple(source.format(index) for source in _LLAMA_LAYER[suffix])
+        parts = []
+        for source in sources:
+            tensor = hf_state.get(source)
+            if tensor is None:
+                raise ValueError(f"checkpoint is missing the weight {source!r}")
+            parts.append(tensor)
+        if name.endswith("c_fc.weight") or name.endswith("c_fc.bias"):
+            tensor = interleave_gate_up(*parts)
+        else:
+            tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if tuple(tensor.shape) != tuple(want.shape):
+            what = " + ".join(f"{source!r} {tuple(p.shape)}" for source, p in zip(sources, parts))
+            raise ValueError(f"weight {what} does not fit the config {config}: it needs {tuple(want.shape)} in all")
+        out[name] = tensor.contiguous()
+    return out
+
+
 def hf_model_weights(hf_model) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """The config and a detached copy of the weights of a ``transformers.GPT2LMHeadModel``.
+    """The config and a detached copy of the weights of a transformers model (``GPT2LMHeadModel``,
+    ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM``).
 
     An LM head that no longer shares the token embedding (``hf.lm_head.weight = Parameter(...)``
     with ``tie_word_embeddings`` still True) counts as untied: HF computes with that head.
