@@ -44,7 +44,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     ----------
     model : fastgpt.GPT (for a transformers model, use ``fastgpt.accelerate(hf_model).generate``).
     input_ids : (B, T) integer tensor of token ids (a 1-D tensor is taken as one row).
-    max_new_tokens : number of tokens to generate; ``T + max_new_tokens <= n_positions``.
+    max_new_tokens : number of tokens to generate; ``T + max_new_tokens <= n_positions`` (and within a sliding window).
     attention_mask : (B, T) of 0/1, zeros on the left for padded rows.
     **options : HF's generation arguments, checked by :meth:`GenerationSettings.create`:
         ``do_sample``, ``temperature`` (finite, > 0 to sample; 0: greedy), ``top_k`` (>= 1),
@@ -111,7 +111,7 @@ def _run(model, settings: GenerationSettings, input_ids: torch.Tensor, row_start
         stats = _backend.record_generate(
             loop="streaming", path="eager", captured=False, capture_s=0.0, reason="the host needs every token", key=None
         )
-        cache_len = bucket_length(T + settings.max_new_tokens, model.config.n_positions)
+        cache_len = bucket_length(T + settings.max_new_tokens, model.config.max_context)
         decoder = Decoder.create(model, settings, B, cache_len, row_start=row_start, processors=processors)
         result = stream_decode(decoder, input_ids, settings.max_new_tokens, streamer=settings.streamer,
                                output_logits=settings.output_logits)  # fmt: skip
@@ -135,7 +135,7 @@ def _fast(model, settings: GenerationSettings, input_ids: torch.Tensor, row_star
     """
     B, T = input_ids.shape
     n_new = settings.max_new_tokens
-    cache_len = bucket_length(T + n_new, model.config.n_positions)
+    cache_len = bucket_length(T + n_new, model.config.max_context)
     graph, reason = None, "logits processors hold per-call state"
     if processors is None:
         if n_new == 1:

@@ -1,4 +1,5 @@
-"""``fastgpt.accelerate(hf_model)``: a drop-in ``generate()`` for a ``transformers`` GPT-2.
+"""``fastgpt.accelerate(hf_model)``: a drop-in ``generate()`` for a ``transformers`` GPT-2, Llama,
+Qwen2 or Mistral causal LM (:data:`ACCELERATED_CLASSES`).
 
 >>> fast = fastgpt.accelerate(hf_model)           # copies the weights once
 >>> out = fast.generate(input_ids, max_new_tokens=50, num_beams=4)   # same arguments, same result type
@@ -52,7 +53,10 @@ from .generation import run
 from .hf_arguments import SUPPORTED, Fallback, as_id_list, fallback_reasons, hf_penalizes_pad_slots
 from .settings import GenerationSettings, LengthError, left_padding
 
-__all__ = ["accelerate", "AcceleratedModel", "FallbackWarning", "SUPPORTED"]
+__all__ = ["accelerate", "AcceleratedModel", "FallbackWarning", "SUPPORTED", "ACCELERATED_CLASSES"]
+
+#: The transformers model classes :func:`accelerate` wraps (their configs: ``fastgpt.config``).
+ACCELERATED_CLASSES = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 logger = logging.getLogger("fastgpt")
 
@@ -62,11 +66,12 @@ class FallbackWarning(UserWarning):
 
 
 def accelerate(hf_model, strict: bool = False) -> "AcceleratedModel":
-    """Wrap a ``transformers.GPT2LMHeadModel`` so that ``.generate`` runs on fastgpt.
+    """Wrap a transformers causal LM so that ``.generate`` runs on fastgpt.
 
     Parameters
     ----------
-    hf_model : transformers.GPT2LMHeadModel, on any device and in float32/float16/bfloat16.
+    hf_model : a ``transformers`` ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``Qwen2ForCausalLM``
+        or ``MistralForCausalLM``, on any device and in float32/float16/bfloat16.
     strict : raise ``ValueError`` for an argument fastgpt does not implement instead of falling
         back to ``hf_model.generate`` with a :class:`FallbackWarning`.
 
@@ -84,12 +89,13 @@ class AcceleratedModel:
 
     def __init__(self, hf_model, *, strict: bool = False) -> None:
         try:
-            from transformers import GPT2LMHeadModel
+            import transformers
         except ImportError as exc:  # pragma: no cover - transformers is what we wrap
             raise ImportError("fastgpt.accelerate needs transformers (pip install 'fastgpt[hf]')") from exc
-        if not isinstance(hf_model, GPT2LMHeadModel):
+        classes = tuple(getattr(transformers, name) for name in ACCELERATED_CLASSES)
+        if not isinstance(hf_model, classes):
             raise TypeError(
-                f"fastgpt.accelerate takes a transformers.GPT2LMHeadModel, got {type(hf_model).__name__}"
+                f"fastgpt.accelerate takes a transformers {', '.join(ACCELERATED_CLASSES)}, got {type(hf_model).__name__}"
             )
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
@@ -137,7 +143,7 @@ class AcceleratedModel:
             return f"AcceleratedModel(falls back to Hugging Face: {'; '.join(unsupported_hf_config(self.hf_model.config))})"
         c = self.model.config
         return (
-            f"AcceleratedModel(GPT-2 n_layer={c.n_layer} n_embd={c.n_embd} vocab={c.vocab_size}, "
+            f"AcceleratedModel({c.model_type} n_layer={c.n_layer} n_embd={c.n_embd} vocab={c.vocab_size}, "
             f"device={self.model.device}, dtype={self.model.dtype}, strict={self.strict})"
         )
 

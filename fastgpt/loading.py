@@ -116,11 +116,14 @@ def _convert_llama_family(hf_state: dict, expected: dict, config: GPTConfig) -> 
             if tensor is None:
                 raise ValueError(f"checkpoint is missing the weight {source!r}")
             parts.append(tensor)
-        if name.endswith("c_fc.weight") or name.endswith("c_fc.bias"):
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if name.endswith(("c_fc.weight", "c_fc.bias")) and len({tuple(p.shape) for p in parts}) == 1:
             tensor = interleave_gate_up(*parts)
-        else:
+        elif len(shapes) == 1:
             tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if tuple(tensor.shape) != tuple(want.shape):
+        else:
+            tensor = None  # parts that cannot be fused: reported below
+        if tensor is None or tuple(tensor.shape) != tuple(want.shape):
             what = " + ".join(f"{source!r} {tuple(p.shape)}" for source, p in zip(sources, parts))
             raise ValueError(f"weight {what} does not fit the config {config}: it needs {tuple(want.shape)} in all")
         out[name] = tensor.contiguous()

@@ -234,9 +234,9 @@ class GPT(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A KV cache for ``batch`` rows of up to ``max_len`` tokens, in the model's dtype and device."""
-        if max_len > self.config.n_positions:
-            raise ValueError(f"max_len ({max_len}) exceeds the model's n_positions ({self.config.n_positions})")
         c = self.config
+        if max_len > c.n_positions:
+            raise ValueError(f"max_len ({max_len}) exceeds the model's n_positions ({c.n_positions})")
         if max_len > c.max_context:
             raise ValueError(
                 f"max_len ({max_len}) exceeds the sliding window ({c.sliding_window}): fastgpt computes sliding-window "

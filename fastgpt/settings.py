@@ -268,11 +268,11 @@ class GenerationSettings:
         """Check ``fastgpt.generate``'s keyword arguments against ``config`` (a GPTConfig) and a
         prompt of ``prompt_len`` tokens; see :func:`fastgpt.generate` for their meaning."""
         check_int(max_new_tokens, "max_new_tokens", 1)
-        if prompt_len + max_new_tokens > config.n_positions:
+        if prompt_len + max_new_tokens > config.max_context:
             raise ValueError(
                 f"prompt length ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
-                f"exceeds the model's n_positions ({config.n_positions}); allowed: max_new_tokens <= "
-                f"{config.n_positions - prompt_len}"
+                f"exceeds the model's {_context_name(config)}; allowed: max_new_tokens <= "
+                f"{config.max_context - prompt_len}"
             )
         check_int(min_new_tokens, "min_new_tokens", 0)
         greedy = _check_sampling(do_sample, temperature, top_k, top_p, min_p, seed)
@@ -342,8 +342,8 @@ class GenerationSettings:
             max_length = min(gc.max_length + prompt_len, n_positions)
         else:
             max_length = gc.max_length
-        if prompt_len >= max_length or max_length > n_positions:
-            raise LengthError(f"max_length={max_length} with a {prompt_len}-token prompt and n_positions={n_positions}")
+        if prompt_len >= max_length or max_length > config.max_context:
+            raise LengthError(f"max_length={max_length} with a {prompt_len}-token prompt and {_context_name(config)}")
         # HF's _prepare_generated_length sets min_length from min_new_tokens before it checks both.
         min_length = gc.min_length if gc.min_new_tokens is None else gc.min_new_tokens + prompt_len
         if min_length is not None and min_length > max_length:
@@ -397,3 +397,13 @@ def _check_streamer(streamer) -> None:
                 f"streamer must have put() and end() methods (transformers' BaseStreamer interface); "
                 f"{type(streamer).__name__} has no {method}()"
             )
+
+
+def _context_name(config) -> str:
+    """How an error names the context limit: ``n_positions (1024)``, or the sliding window."""
+    if config.max_context < config.n_positions:
+        return (
+            f"sliding window ({config.sliding_window} tokens: fastgpt computes sliding-window attention exactly only "
+            "while the whole context fits in the window)"
+        )
+    return f"n_positions ({config.n_positions})"

@@ -59,3 +59,65 @@ def hf_gpt2(
 def pair(name: str = "tiny-503", **kwargs) -> tuple[GPT2LMHeadModel, GPT]:
     hf = hf_gpt2(name, **kwargs)
     return hf, GPT.from_hf(hf)
+
+
+#: Small LLaMA-family shapes with the issue's odd sizes: (n_head, n_kv_head, head_dim, hidden, intermediate).
+LLAMA_SHAPES = {
+    "gqa-9-3": (9, 3, 64, 144, 160),  # 3 query heads per K/V head
+    "mqa-4-1": (4, 1, 64, 128, 96),  # multi-query: one K/V head
+    "hd128-4-2": (4, 2, 128, 128, 112),  # head_dim 128
+}
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}  # fmt: skip
+
+
+def hf_llama_family(
+    model_type: str = "llama",
+    shape: str = "gqa-9-3",
+    *,
+    vocab: int = 211,
+    n_layer: int = 2,
+    n_positions: int = 128,
+    tied: bool = False,
+    rope_scaling: bool = False,
+    rope_theta: float = 10000.0,
+    seed: int = 0,
+    eos_token_id: int | None = None,
+    sharp: bool = True,
+    **config_overrides,
+):
+    """A random ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM``. ``sharp`` widens
+    the weights (as :func:`hf_gpt2`) so greedy decoding produces varied tokens; ``rope_scaling``
+    switches on Llama 3's rope scaling (:data:`LLAMA3_SCALING`)."""
+    import transformers
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }
+    config_cls, model_cls = classes[model_type]
+    n_head, n_kv_head, head_dim, hidden, intermediate = LLAMA_SHAPES[shape]
+    rope = {**LLAMA3_SCALING} if rope_scaling else {"rope_type": "default"}
+    rope["rope_theta"] = rope_theta
+    fields = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layer,
+        num_attention_heads=n_head, num_key_value_heads=n_kv_head, head_dim=head_dim,
+        max_position_embeddings=n_positions, tie_word_embeddings=tied, rope_parameters=rope,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None,
+    )  # fmt: skip
+    if model_type == "mistral":
+        fields["sliding_window"] = None
+    config = config_cls(**{**fields, **config_overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    if sharp:
+        with torch.no_grad():
+            for name_, p in model.named_parameters():
+                if "norm" in name_:
+                    p.uniform_(0.8, 1.2)
+                elif name_.endswith("bias"):
+                    p.normal_(0.0, 0.05)
+                else:
+                    p.normal_(0.0, 0.08)
+    return model
