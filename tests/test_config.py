@@ -13,7 +13,7 @@ from tests.models import pair
 
 
 def test_presets_have_gpt2_parameter_counts():
-    counts = {name: round(cfg.num_parameters() / 1e6) for name, cfg in PRESETS.items()}
+    counts = {name: round(cfg.num_parameters() / 1e6) for name, cfg in PRESETS.items() if name.startswith("gpt2")}
     assert counts == {"gpt2": 124, "gpt2-medium": 355, "gpt2-large": 774, "gpt2-xl": 1558}
     with torch.device("meta"):
         model = GPT(PRESETS["gpt2"])
@@ -91,7 +91,8 @@ def test_unsupported_hf_config_names_each_setting():
     assert unsupported_hf_config(GPT2Config(scale_attn_by_inverse_layer_idx=True, n_inner=10)) == []
     reasons = unsupported_hf_config(GPT2Config(activation_function="relu"))
     assert len(reasons) == 1 and "activation_function='relu'" in reasons[0] and "gelu_new" in reasons[0]
-    assert "model_type='llama'" in unsupported_hf_config({"model_type": "llama", "activation_function": "silu"})[0]
+    assert "model_type='gemma'" in unsupported_hf_config({"model_type": "gemma"})[0]
+    assert "hidden_act='gelu'" in unsupported_hf_config({"model_type": "llama", "hidden_act": "gelu"})[0]
     with pytest.raises(ValueError, match="activation_function='quick_gelu'"):
         GPTConfig.from_hf(GPT2Config(activation_function="quick_gelu"))
 

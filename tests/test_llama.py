@@ -221,3 +221,10 @@ def test_sliding_window_is_exact_inside_and_refused_beyond():
         model.generate(ids, max_new_tokens=19)
     with pytest.warns(fastgpt.FallbackWarning):
         fastgpt.accelerate(hf).generate(ids, max_new_tokens=19, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2.5-0.5b", "smollm2-135m"])
+def test_fastgpt_model_of_a_preset_has_its_parameter_count(name):
+    with torch.device("meta"):
+        model = GPT(PRESETS[name])
+    assert sum(p.numel() for p in model.parameters()) == PRESETS[name].num_parameters()
