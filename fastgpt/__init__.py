@@ -1,9 +1,10 @@
-"""fastgpt: GPT-2 inference at the memory-bandwidth limit.
+"""fastgpt: GPT-2 and LLaMA-family (Llama, Qwen2, Mistral) inference at the memory-bandwidth limit.
 
 >>> from fastgpt import GPT
 >>> model = GPT.from_config("gpt2")            # random weights of GPT-2 small's shape
+>>> model = GPT.from_pretrained("path/to/Llama-3.2-1B", dtype="bfloat16", device="cuda")
 >>> out = model.generate(input_ids, max_new_tokens=50)
->>> fast = fastgpt.accelerate(hf_gpt2_model)    # drop-in generate() for a transformers GPT-2
+>>> fast = fastgpt.accelerate(hf_model)         # drop-in generate() for a transformers GPT-2/Llama/Qwen2/Mistral
 >>> fastgpt.run_report()                        # what ran: dispatch, the last generate, the launches
 """
 

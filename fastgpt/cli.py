@@ -70,7 +70,7 @@ def _seed(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastgpt", description="GPT-2 inference at the memory-bandwidth limit")
+    parser = _Parser(prog="fastgpt", description="GPT-2 and LLaMA-family (Llama, Qwen2, Mistral) inference at the memory-bandwidth limit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate tokens after a prompt")
     g.add_argument("prompt", nargs="?", help="text prompt (needs a tokenizer on disk); or use --ids")
