@@ -1,7 +1,9 @@
 """The preallocated KV cache: one buffer per generate() call, written in place, never grown.
 
 Layout: ``k, v`` are ``(n_layer, B, H, S_max, D)``; layer ``l`` uses the contiguous views
-``k[l], v[l]`` of shape ``(B, H, S_max, D)`` (the layout the attention kernels read).
+``k[l], v[l]`` of shape ``(B, H, S_max, D)`` (the layout the attention kernels read). ``H`` is the
+number of K/V heads: ``n_head`` for GPT-2, ``n_kv_head`` for a grouped-query (LLaMA-family) model,
+whose cache is smaller by the group size. The LLaMA family's keys are stored already rotated.
 Slot ``j`` of row ``b`` holds the token at position ``j - row_start[b]``; rows are left padded,
 so slots before ``row_start[b]`` are padding and never attended to.
 

@@ -9,12 +9,15 @@ Each function here states the exact semantics a kernel in ``kernels/`` must repr
 * :func:`greedy`, :func:`sample` -- the next-token choice (argmax, or an exponential-race draw
   that needs no host sync).
 * :func:`topk` -- values sorted descending, ties broken by the lower index, NaN ranked above +inf.
+* :func:`apply_rope`, :func:`add_rmsnorm`, :func:`activate` (``"silu_glu"``) -- the LLaMA family's
+  rotary embedding, RMSNorm and SwiGLU, as the fused kernels must compute them.
 
 Layout conventions shared with the kernels
 ------------------------------------------
-* ``q, k, v``: ``(B, T, H, D)``, any strides as long as the last dimension is contiguous (they are
-  views into the fused QKV projection's output).
-* ``k_cache, v_cache``: ``(B, H, S_max, D)`` contiguous, one pair per layer.
+* ``q``: ``(B, T, H, D)``, ``k, v``: ``(B, T, H_kv, D)`` (``H_kv`` divides ``H``: grouped-query
+  attention; GPT-2 has ``H_kv == H``), any strides as long as the last dimension is contiguous
+  (they are views into the fused QKV projection's output).
+* ``k_cache, v_cache``: ``(B, H_kv, S_max, D)`` contiguous, one pair per layer.
 * Cache slot ``j`` of row ``b`` is valid when ``row_start[b] <= j``: rows are left padded,
   ``row_start[b]`` is the number of pad tokens in front of row ``b``'s prompt.
 * The query at slot ``i`` attends to slots ``j`` with ``row_start[b] <= j <= i``. A pad query
