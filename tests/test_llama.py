@@ -17,7 +17,7 @@ import torch
 import fastgpt
 from fastgpt import GPT
 from fastgpt.config import PRESETS, GPTConfig, unsupported_hf_config
-from tests.helpers import left_padded
+from tests.helpers import RecordingStreamer, left_padded
 from tests.models import hf_llama_family
 
 FAMILY = ("llama", "qwen2", "mistral")
@@ -86,6 +86,23 @@ def test_beam_search_equals_transformers(model_type):
     kwargs = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, num_return_sequences=2, pad_token_id=0)
     expected = hf.generate(ids, do_sample=False, **kwargs)
     assert torch.equal(model.generate(ids, **kwargs), expected)
+
+
+def test_streaming_sampling_and_penalties_equal_transformers_where_defined():
+    """Streaming gives HF's streamed tokens; a seed makes sampling reproducible; the processors
+    (repetition penalty, no-repeat n-gram) give HF's greedy tokens on a LLaMA model too."""
+    hf = hf_llama_family("qwen2", "gqa-9-3")
+    model = GPT.from_hf(hf)
+    ids = _prompts(hf.config.vocab_size, batch=1, length=4)
+    theirs, ours = RecordingStreamer(), RecordingStreamer()
+    hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, streamer=theirs)
+    model.generate(ids, max_new_tokens=6, streamer=ours)
+    assert len(ours.calls) == len(theirs.calls)
+    assert all(a[0] == b[0] and (a[1] is None or torch.equal(a[1], b[1])) for a, b in zip(ours.calls, theirs.calls))
+    kwargs = dict(max_new_tokens=10, repetition_penalty=1.5, no_repeat_ngram_size=2)
+    assert torch.equal(model.generate(ids, **kwargs), hf.generate(ids, do_sample=False, pad_token_id=0, **kwargs))
+    draws = [model.generate(ids, 8, do_sample=True, top_k=20, top_p=0.9, seed=s) for s in (7, 7, 8)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
 @pytest.mark.parametrize("model_type", FAMILY)
