@@ -228,7 +228,7 @@ def test_workspaces_are_allocated_before_the_warm_up(monkeypatch, emulated):
 
     def spy_init(self, model_, key):
         monkeypatch.setattr(backend_module, "allocate_workspaces",
-                            lambda *args: calls.append(("allocate", args[-1])))  # fmt: skip
+                            lambda *args, **kwargs: calls.append(("allocate", args[-1])))  # fmt: skip
         original_init(self, model_, key)
         calls.append(("built", None))
 
