@@ -66,10 +66,11 @@ class CausalSelfAttention(nn.Module):
         """``qkv``: (B, T, (H + 2 H_kv) D) fused projection -> q (B, T, H, D), k and v (B, T, H_kv, D),
         q pre-scaled if the config says so."""
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
-        # Column slices then (.., H*D) -> (.., H, D): strided views, no copy; the kernels take the strides.
-        q = qkv[..., : H * D].unflatten(-1, (H, D))
-        k = qkv[..., H * D : (H + H_kv) * D].unflatten(-1, (H_kv, D))
-        v = qkv[..., (H + H_kv) * D :].unflatten(-1, (H_kv, D))
+        # Strided views, no copy; the kernels take the strides.
+        if H_kv == H:  # (B, T, 3HD) -> 3 x (B, T, H, D)
+            q, k, v = qkv.unflatten(-1, (3, H, D)).unbind(-3)
+        else:  # (B, T, (H + 2 H_kv) D) -> (B, T, H, D), 2 x (B, T, H_kv, D)
+            q, k, v = qkv.unflatten(-1, (H + 2 * H_kv, D)).split((H, H_kv, H_kv), dim=-2)
         if self.query_factor != 1.0:
             q = q * self.query_factor  # (B, T, H, D); one extra launch, only for such configs
         return q, k, v
