@@ -53,8 +53,11 @@ def gemv_launches(monkeypatch):
     return _GemvLaunches(monkeypatch)
 
 
-def make_inputs(M, N, K, dtype, *, bias=True, residual=True, ln=True, lead=None, device=DEVICE, seed=None):
-    """Random operands of a linear op; ``lead`` replaces ``(M,)`` as x's leading shape."""
+def make_inputs(M, N, K, dtype, *, bias=True, residual=True, ln=True, lead=None, device=DEVICE, seed=None, norm="layernorm", glu=False):
+    """Random operands of a linear op; ``lead`` replaces ``(M,)`` as x's leading shape.
+
+    ``norm="rmsnorm"``: no ``ln_bias``. ``glu``: the residual has the silu_glu output's N/2 columns.
+    """
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     lead = (M,) if lead is None else lead
 
@@ -65,17 +68,17 @@ def make_inputs(M, N, K, dtype, *, bias=True, residual=True, ln=True, lead=None,
         x=rnd(*lead, K, scale=2.0, shift=0.5),  # a non-zero mean, as residual streams have
         weight=rnd(N, K, scale=K**-0.5),
         bias=rnd(N, scale=0.5) if bias else None,
-        residual=rnd(*lead, N) if residual else None,
+        residual=rnd(*lead, N // 2 if glu else N) if residual else None,
         ln_weight=rnd(K, scale=0.2, shift=1.0) if ln else None,
-        ln_bias=rnd(K, scale=0.2) if ln else None,
+        ln_bias=rnd(K, scale=0.2) if ln and norm == "layernorm" else None,
     )
 
 
-def reference64(inp, activation, ln_eps=1e-5):
+def reference64(inp, activation, ln_eps=1e-5, norm="layernorm"):
     d = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
     return reference.linear(
         d["x"], d["weight"], d["bias"], activation=activation, residual=d["residual"],
-        ln_weight=d["ln_weight"], ln_bias=d["ln_bias"], ln_eps=ln_eps,
+        ln_weight=d["ln_weight"], ln_bias=d["ln_bias"], ln_eps=ln_eps, norm=norm,
     )  # fmt: skip
 
 
@@ -91,11 +94,11 @@ def poisoned(shape, dtype, device=DEVICE):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def run_gemv(inp, activation, config=None, out=None):
-    N = inp["weight"].shape[0]
+def run_gemv(inp, activation, config=None, out=None, **kwargs):
+    N = KL.output_width(inp["weight"].shape[0], activation)
     if out is None:
         out = poisoned((*inp["x"].shape[:-1], N), inp["x"].dtype, inp["x"].device)
-    return KL.linear(**inp, activation=activation, out=out, config=config)
+    return KL.linear(**inp, activation=activation, out=out, config=config, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,6 +362,123 @@ def test_whole_row_kernel_combines_attention_partials(gemv_launches):
     out = KL.linear(None, **inp, out=poisoned((1, 1, 40), torch.float32), attn_partials=partials)
     assert gemv_launches.row.launches == 1 and launch_record()["linear"]["attn_combine"]
     assert_close(out, reference_out_projection(ref_attn, inp), torch.float32, "whole-row + combine")
+
+
+# --------------------------------------------------------------------------------------------
+# the LLaMA family: RMSNorm prologue, SwiGLU (silu_glu) epilogue
+# --------------------------------------------------------------------------------------------
+_ROW = None  # the default config: the whole-row kernel at M == 1 and K <= ROW_K_MAX
+_SPLIT3 = KL.GemvConfig(16, 64, 4, 1, 3)  # K-loop, 3 splits for K in (128, 192]
+_SPLIT4 = KL.GemvConfig(16, 64, 4, 1, 4)
+
+# (M, N, K, activation, bias, residual, config, kernel): the whole-row kernel (K = 576 -> one
+# 1024-wide row; N = 40 -> 10 tiles of 4 rows: persistent on the interpreter's single "SM"), the
+# M = 1 K loop with and without split-K, the tl.dot path (M in {2, 5}) with and without split-K.
+LLAMA_CASES = [
+    (1, 40, 576, "silu_glu", False, True, _ROW, "row"),  # SmolLM2's width, gate_up + residual
+    (1, 40, 576, None, False, False, _ROW, "row"),  # q/k/v or the LM head: RMSNorm only
+    (1, 36, 200, "silu_glu", True, True, _SPLIT3, "k_loop"),  # split-K: the finisher applies it
+    (1, 40, 200, None, True, True, KL.GemvConfig(16, 64, 4, 1, 1), "k_loop"),  # LN_ROW statistics
+    (2, 48, 200, "silu_glu", True, False, None, "k_loop"),
+    (5, 40, 200, "silu_glu", False, True, _SPLIT4, "k_loop"),
+    (5, 24, 576, None, True, True, _SPLIT3, "k_loop"),  # chunked statistics, split-K
+]
+
+
+@pytest.mark.parametrize("M, N, K, activation, bias, residual, config, kernel", LLAMA_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rmsnorm_prologue_and_silu_glu_epilogue(M, N, K, activation, bias, residual, config, kernel, dtype, gemv_launches):
+    glu = activation == "silu_glu"
+    inp = make_inputs(M, N, K, dtype, bias=bias, residual=residual, norm="rmsnorm", glu=glu, seed=N * K + M)
+    if config is not None:  # the split-K partials must all be written by this launch
+        partials, counters = KL.workspace_for(M, N, config, K, DEVICE)
+        partials.fill_(float("nan"))
+    out = run_gemv(inp, activation, config, norm="rmsnorm", ln_eps=1e-6)
+    assert out.shape == (M, N // 2 if glu else N)
+    assert gemv_launches.launches == 1
+    record = launch_record()["linear"]
+    assert record["kernel"] == kernel and record["norm"] == "rmsnorm" and record["activation"] == activation
+    assert_close(out, reference64(inp, activation, ln_eps=1e-6, norm="rmsnorm"), dtype, f"M={M} N={N} K={K} {activation} {config}")
+    if config is not None and config.split_k > 1:
+        assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("M, config", [(1, None), (1, _SPLIT3), (3, None)], ids=str)
+def test_silu_glu_without_norm_and_with_layernorm(M, config):
+    """silu_glu is independent of the prologue: no norm (bias + residual) and LayerNorm."""
+    for ln in (False, True):
+        inp = make_inputs(M, 34, 150, torch.float16, ln=ln, glu=True, seed=M + ln)
+        out = run_gemv(inp, "silu_glu", config)
+        assert_close(out, reference64(inp, "silu_glu"), torch.float16, f"M={M} ln={ln} {config}")
+
+
+def test_silu_glu_in_place_residual_and_leading_dims():
+    """(B, T, K) rows (M = B*T), the output written into the residual itself (x = x + mlp(x))."""
+    inp = make_inputs(6, 32, 64, torch.float32, norm="rmsnorm", glu=True, lead=(2, 3), seed=7)
+    expected = reference64(inp, "silu_glu", norm="rmsnorm")
+    resid = inp["residual"]
+    got = KL.linear(**inp, activation="silu_glu", norm="rmsnorm", out=resid)
+    assert got.data_ptr() == resid.data_ptr() and got.shape == (2, 3, 16)
+    assert_close(resid, expected, torch.float32, "in place")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy exp
+def test_silu_glu_saturates_without_nan():
+    """silu(g) = g / (1 + exp(-g)): a very negative gate gives -0 (exp overflows to inf), not NaN."""
+    x = torch.ones(1, 8, device=DEVICE)
+    gates, ups = [-1e3, 1e3, -30.0, 30.0, 1e-4], [2.0, -1.0, 1.0, 0.5, 3.0]
+    w = torch.tensor([[v / 8] * 8 for pair in zip(gates, ups) for v in pair], device=DEVICE)  # (10, 8) interleaved
+    out = KL.linear(x, w, activation="silu_glu")
+    ref = reference.linear(x.double(), w.double(), activation="silu_glu")
+    assert torch.isfinite(out).all() and out.shape == (1, 5)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("M", [3, 20])
+def test_cublas_linear_rmsnorm_and_silu_glu(M, monkeypatch):
+    """The cuBLAS side (prefill, or the plan's choice): one add_rmsnorm launch, the product, silu_glu."""
+    from fastgpt.kernels import layernorm as LN
+
+    rms_launches = LaunchCounter(LN._add_layernorm_kernel)
+    monkeypatch.setattr(LN, "_add_layernorm_kernel", rms_launches)
+    inp = make_inputs(M, 24, 40, torch.float32, norm="rmsnorm", glu=True)
+    out = poisoned((M, 12), torch.float32)
+    got = KL.cublas_linear(**inp, activation="silu_glu", norm="rmsnorm", ln_eps=1e-6, out=out)
+    assert got is out and rms_launches.launches == 1
+    assert_close(out, reference64(inp, "silu_glu", ln_eps=1e-6, norm="rmsnorm"), torch.float32, "cublas_linear")
+
+
+def _bad_llama_calls():
+    x, w, g = torch.randn(2, 8), torch.randn(6, 8), torch.ones(8)
+    cases = [
+        (dict(norm="rms"), ValueError, "norm must be one of 'layernorm', 'rmsnorm', got 'rms'"),
+        (dict(norm=None), ValueError, "norm must be one of"),
+        (dict(norm="rmsnorm", ln_weight=g, ln_bias=torch.zeros(8)), ValueError, "norm='rmsnorm' takes no ln_bias"),
+        (dict(norm="rmsnorm", ln_weight=torch.ones(7)), ValueError, "ln_weight must be a contiguous \\(8,\\)"),
+        (dict(norm="rmsnorm", ln_weight=g.half()), TypeError, "ln_weight must have dtype"),
+        (dict(norm="rmsnorm", ln_weight=g, ln_eps=-1.0), ValueError, "ln_eps must be"),
+        (dict(weight=torch.randn(5, 8), activation="silu_glu"), ValueError, "silu_glu' needs an even N"),
+        (dict(activation="silu_glu", residual=torch.randn(2, 6)), ValueError, "residual must have shape \\(2, 3\\) \\(x's rows, N/2"),
+        (dict(activation="silu_glu", out=torch.empty(2, 6)), ValueError, "out must have shape \\(2, 3\\)"),
+        (dict(x=torch.randn(1, 8), activation="silu_glu", config=KL.GemvConfig(1, 64, 4, 1)), ValueError, "block_n >= 2"),
+        (dict(activation="swiglu"), ValueError, "activation must be one of"),
+    ]
+    base = dict(x=x, weight=w)
+    return [pytest.param(dict(base, **over), exc, msg, id=msg[:40]) for over, exc, msg in cases]
+
+
+@pytest.mark.parametrize("kwargs, exc, message", _bad_llama_calls())
+def test_llama_bad_inputs_raise_before_launch(kwargs, exc, message, gemv_launches, monkeypatch):
+    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    with pytest.raises(exc, match=message):
+        KL.linear(**kwargs)
+    assert gemv_launches.launches == 0
+    if "config" not in kwargs:  # the cuBLAS side validates the same way, before any work
+        mm = LaunchCounter(None)
+        monkeypatch.setattr(torch, "mm", lambda *a, **k: mm[None])
+        with pytest.raises(exc, match=message):
+            KL.cublas_linear(**kwargs)
+        assert mm.launches == 0
 
 
 def test_pdl_switch(monkeypatch):
