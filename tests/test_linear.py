@@ -787,7 +787,11 @@ def test_model_decode_combines_attention_in_the_out_projection(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # sm_90 compile checks (a subprocess without TRITON_INTERPRET: real JITFunctions)
 # --------------------------------------------------------------------------------------------
-_ALL_FLAGS = dict(HAS_BIAS=True, ACTIVATION=1, HAS_RESIDUAL=True, HAS_LN=True)
+_ALL_FLAGS = dict(HAS_BIAS=True, ACTIVATION=1, HAS_RESIDUAL=True, NORM=1)
+#: The LLaMA family's superset: RMSNorm prologue, interleaved bias, silu_glu, residual.
+_LLAMA_FLAGS = dict(HAS_BIAS=True, ACTIVATION=KL.ACTIVATIONS["silu_glu"], HAS_RESIDUAL=True, NORM=KL.NORM_CODES["rmsnorm"])
+#: Hidden sizes of the LLaMA-family presets (SmolLM2-135M ... Llama-3.1-8B / Mistral-7B).
+LLAMA_HIDDEN = (576, 896, 1536, 2048, 3072, 4096)
 
 
 def _compile_specs() -> list[dict]:
@@ -814,6 +818,28 @@ def _compile_specs() -> list[dict]:
         cfg = KL.row_config(K)
         specs.append(dict(dtype=dt, block_m=1, tile=[cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages], split=False, row=True))
     specs.append(dict(dtype="fp16", block_m=1, tile=[4, 1024, 4, 1], split=False, row=True, attn=64))
+    return specs + _llama_compile_specs()
+
+
+def _llama_compile_specs() -> list[dict]:
+    """Every config the plan can pick for the LLaMA shapes, with the RMSNorm + silu_glu superset.
+
+    The whole-row configs of the hidden sizes up to ROW_K_MAX (q/k/v, gate_up, the LM heads at
+    M == 1) at fp16 / bf16 / fp32; every M == 1 K-loop tile with split-K and the widest one-load
+    statistics row (LN_ROW 4096: K = 3072 / 4096), fp16 and bf16; every tensor-core tile with
+    split-K (chunked statistics) at fp16, bf16 and fp32 (IEEE dots: the most shared memory).
+    """
+    specs = []
+    row_tiles = sorted({tuple(vars(KL.row_config(K)).values())[:4] for K in LLAMA_HIDDEN if K <= KL.ROW_K_MAX})
+    for dt in ("fp16", "bf16", "fp32"):
+        for tile in row_tiles:
+            specs.append(dict(dtype=dt, block_m=1, tile=list(tile), split=False, row=True, llama=True))
+    for dt in ("fp16", "bf16"):
+        for tile in KL.M1_TILES:
+            specs.append(dict(dtype=dt, block_m=1, tile=list(tile), split=True, ln_row=KL.LN_ROW_MAX, llama=True))
+    for dt in ("fp16", "bf16", "fp32"):
+        for tile in KL.DOT_TILES:
+            specs.append(dict(dtype=dt, block_m=16, tile=list(tile), split=True, llama=True))
     return specs
 
 
@@ -846,13 +872,13 @@ def _compile_worker() -> None:
         dt = spec["dtype"]
         bn, bk, warps, stages = spec["tile"]
         attn = spec.get("attn", 0)
-        flags = dict(_ALL_FLAGS, HAS_LN=False) if attn else _ALL_FLAGS
+        flags = _LLAMA_FLAGS if spec.get("llama") else dict(_ALL_FLAGS, NORM=0) if attn else _ALL_FLAGS
         kernel = KL._gemv_row_kernel if spec.get("row") else KL._gemv_kernel
         if spec.get("row"):
             constexprs = dict(flags, BLOCK_N=bn, ROW_K=bk, ATTN_HEAD_DIM=attn, USE_PDL=True)
         else:
             constexprs = dict(
-                flags, LN_ROW=2048 if spec["block_m"] == 1 and not attn else 0,  # GPT-2 XL's 1600 features
+                flags, LN_ROW=spec.get("ln_row", 2048 if spec["block_m"] == 1 and not attn else 0),  # XL's 1600 features
                 USE_SPLIT=spec["split"], BLOCK_M=spec["block_m"], BLOCK_N=bn, BLOCK_K=bk,
                 DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False,
                 ATTN_HEAD_DIM=attn, USE_PDL=True,  # the decode step's kernel, as it runs on sm_90
@@ -923,6 +949,12 @@ def test_every_config_compiles_for_sm90():
     assert any(r["spec"].get("row") for r in results) and any(r["spec"].get("attn") for r in results)
     tiles_covered = {(r["spec"]["block_m"], tuple(r["spec"]["tile"])) for r in results}
     assert tiles_covered >= {(1, t) for t in KL.M1_TILES} | {(16, t) for t in KL.DOT_TILES}
+    llama = {(r["spec"]["dtype"], r["spec"]["block_m"], tuple(r["spec"]["tile"])) for r in results if r["spec"].get("llama")}
+    for dt in ("fp16", "bf16"):  # every config the plan can pick for the LLaMA shapes, RMSNorm + silu_glu
+        for M, N, K in [(m, n, k) for m in (1, 16) for k in LLAMA_HIDDEN for n in (2 * k, 8 * k)]:
+            for cfg in KL.candidate_configs(M, N, K, "cpu", exhaustive=True):
+                tile = (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+                assert (dt, 1 if M == 1 else 16, tile) in llama, f"{dt} M={M} N={N} K={K}: {cfg} not compiled"
 
 
 # --------------------------------------------------------------------------------------------
@@ -972,6 +1004,77 @@ def test_gpt2_shapes_fp16_cuda(shape, M, gemv_launches):
     torch.cuda.synchronize()
     assert gemv_launches.launches == 1
     assert_close(out, reference64(inp, activation), torch.float16, f"{shape} M={M}")
+
+
+#: Llama-3.2-1B's decode shapes (hidden 2048, MLP 8192, vocab 128,256) and Qwen2.5-0.5B's (896,
+#: 4864, 151,936; q/k/v with bias): (N, K, norm, activation, bias, residual); gate_up is the
+#: row-interleaved (2F, K) weight.
+LLAMA_SHAPES = {
+    "llama1b.qkv": (3072, 2048, "rmsnorm", None, False, False),
+    "llama1b.o_proj": (2048, 2048, None, None, False, True),
+    "llama1b.gate_up": (16384, 2048, "rmsnorm", "silu_glu", False, False),
+    "llama1b.down": (2048, 8192, None, None, False, True),
+    "llama1b.lm_head": (128256, 2048, "rmsnorm", None, False, False),
+    "qwen0.5b.qkv": (1152, 896, "rmsnorm", None, True, False),
+    "qwen0.5b.gate_up": (9728, 896, "rmsnorm", "silu_glu", False, False),
+    "qwen0.5b.down": (896, 4864, None, None, False, True),
+    "qwen0.5b.lm_head": (151936, 896, "rmsnorm", None, False, False),
+}
+
+
+def llama_inputs(shape, M, dtype, seed=0):
+    N, K, norm, activation, bias, residual = LLAMA_SHAPES[shape]
+    inp = make_inputs(M, N, K, dtype, bias=bias, residual=residual, ln=norm is not None, norm="rmsnorm", glu=activation == "silu_glu", seed=seed)
+    return inp, activation, dict(norm="rmsnorm", ln_eps=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", list(LLAMA_SHAPES))
+def test_llama_shapes_cuda(shape, dtype, M, gemv_launches):
+    inp, activation, kw = llama_inputs(shape, M, dtype)
+    out = run_gemv(inp, activation, **kw)  # default config (whole-row / persistent / split-K)
+    torch.cuda.synchronize()
+    assert gemv_launches.launches == 1
+    assert_close(out, reference64(inp, activation, **kw), dtype, f"{shape} {dtype} M={M}")
+    ref_cublas = KL.cublas_linear(**inp, activation=activation, **kw)
+    assert_close(ref_cublas, reference64(inp, activation, **kw), dtype, f"cublas_linear {shape} {dtype} M={M}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("shape", ["llama1b.gate_up", "llama1b.qkv", "qwen0.5b.gate_up"])
+def test_every_candidate_config_llama_cuda(shape, M):
+    """Every config the measurement may choose for a LLaMA op (RMSNorm, silu_glu), and each tile without split-K."""
+    inp, activation, kw = llama_inputs(shape, M, torch.bfloat16, seed=1)
+    ref = reference64(inp, activation, **kw)
+    N, K = inp["weight"].shape
+    candidates = KL.candidate_configs(M, N, K, "cuda", exhaustive=True)
+    for cfg in candidates + [c.with_split(1) for c in candidates]:
+        out = run_gemv(inp, activation, cfg, **kw)
+        assert_close(out, ref, torch.bfloat16, f"{shape} {cfg}")
+
+
+@pytest.mark.cuda
+def test_silu_glu_split_k_under_cuda_graph_replay():
+    """gate_up with RMSNorm and split-K replayed from a graph: the finisher applies silu_glu."""
+    M, N, K = 1, 2048, 4096
+    cfg = KL.GemvConfig(16, 256, 4, 3, 4)
+    inp = make_inputs(M, N, K, torch.bfloat16, bias=False, norm="rmsnorm", glu=True)
+    out = torch.empty(M, N // 2, dtype=torch.bfloat16, device="cuda")
+    kw = dict(activation="silu_glu", norm="rmsnorm", out=out, config=cfg)
+    KL.linear(**inp, **kw)  # eager first: compile + workspace
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        KL.linear(**inp, **kw)
+    for i in range(3):
+        inp["x"].normal_()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, reference64(inp, "silu_glu", norm="rmsnorm"), torch.bfloat16, f"replay {i}")
 
 
 @pytest.mark.cuda
