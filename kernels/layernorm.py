@@ -1,19 +1,25 @@
-"""LayerNorm with a fused residual add ("add + LN"), one Triton program per row.
+"""LayerNorm or RMSNorm with a fused residual add ("add + LN", "add + RMSNorm"), one Triton
+program per row.
 
 Maths
 -----
 For each row of ``C`` features (the last dimension)::
 
     s = x + residual                      (s = x when there is no residual)
-    h = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias
+    h = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias        add_layernorm (GPT-2)
+    h = round(s / sqrt(mean(s^2) + eps)) * weight                 add_rmsnorm   (the LLaMA family)
 
-with the biased variance ``var(s) = mean((s - mean(s))^2)``, as ``torch.nn.LayerNorm``. ``s`` is
-rounded to the input dtype before it is normalised, because that rounded ``s`` is what gets stored
-as the new residual stream (and what ``x + residual`` followed by ``F.layer_norm`` normalises); the
+LayerNorm: the biased variance ``var(s) = mean((s - mean(s))^2)``, as ``torch.nn.LayerNorm``.
+RMSNorm: Hugging Face's ``LlamaRMSNorm`` -- no mean subtraction, no bias, the normalised row
+rounded to the dtype (``round``) before the weight multiplies it, the product rounded again. ``s``
+is rounded to the input dtype before it is normalised, because that rounded ``s`` is what gets
+stored as the new residual stream (and what ``x + residual`` followed by the norm normalises); the
 statistics and the normalisation run in float32. The semantics are those of
-:func:`fastgpt.reference.add_layernorm`.
+:func:`fastgpt.reference.add_layernorm` / :func:`fastgpt.reference.add_rmsnorm`. One kernel serves
+both (constexpr ``RMS``); the cuBLAS side of the linear ops (prefill, or a plan that chose cuBLAS)
+calls these before the product, while the decode GEMVs fuse the norm themselves.
 
-Why it exists: in a pre-LN transformer the residual add of one sub-block and the LayerNorm of the
+Why it exists: in a pre-norm transformer the residual add of one sub-block and the norm of the
 next read and write the same row; fused, the row is read once and both ``s`` (the residual stream)
 and ``h`` (the next sub-block's input) are written by one launch instead of three kernels.
 
@@ -22,15 +28,16 @@ Shapes and dtypes
 * ``x``, ``residual``: ``(..., C)``, float16 / bfloat16 / float32 (the same), any strides as long
   as the leading dimensions flatten to rows with a single row stride (e.g. ``x[:, -1]`` of a
   ``(B, T, C)`` tensor) and the last dimension is contiguous.
-* ``weight``, ``bias``: ``(C,)`` contiguous, same dtype. ``C <= MAX_C``.
+* ``weight``, ``bias`` (LayerNorm only): ``(C,)`` contiguous, same dtype. ``C <= MAX_C``.
 * outputs ``h`` and ``s``: ``x.shape``, same dtype; ``out=`` / ``residual_out=`` may be
   preallocated. ``residual_out`` may be ``x`` or ``residual`` itself (in place): each program
   reads its whole row before it writes it.
 
 The kernel holds a whole row in registers (``BLOCK_C = next_power_of_2(C)``), so there is no
-loop and no second read: GPT-2's widths (768 ... 1600) take 1024 or 2048 slots.
+loop and no second read: GPT-2's widths (768 ... 1600) take 1024 or 2048 slots, the LLaMA
+family's (576 ... 4096) 1024 to 4096.
 
-Programmatic dependent launch (:func:`kernels.utils.pdl_enabled`): the LayerNorm parameters are
+Programmatic dependent launch (:func:`kernels.utils.pdl_enabled`): the norm parameters are
 loaded before ``gdc_wait``, the rows (the previous kernels' outputs) after it.
 """
 

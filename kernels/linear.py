@@ -1,24 +1,46 @@
-"""Skinny matmul (GEMV) for decode-sized batches, with a fused LayerNorm prologue and fused bias,
-GELU and residual epilogues (Triton), and the same op on cuBLAS (:func:`cublas_linear`).
+"""Skinny matmul (GEMV) for decode-sized batches, with a fused LayerNorm / RMSNorm prologue and
+fused bias, GELU / SwiGLU and residual epilogues (Triton), and the same op on cuBLAS
+(:func:`cublas_linear`).
 
 Maths
 -----
 For ``x`` with ``M = B*T`` rows of ``K`` features and an ``nn.Linear`` weight ``W`` of shape
 ``(N, K)``::
 
-    a   = LN(x)                = (x - mean) / sqrt(var + eps) * ln_weight + ln_bias    (optional)
-    out = residual + act(a @ W^T + bias)                                                (each optional)
+    a   = norm(x)                                                                     (optional)
+        = LN(x)  = (x - mean) / sqrt(var + eps) * ln_weight + ln_bias      norm="layernorm" (GPT-2)
+        = RMS(x) = round(x / sqrt(mean(x^2) + eps)) * ln_weight            norm="rmsnorm" (LLaMA)
+    out = residual + act(a @ W^T + bias)                                              (each optional)
 
 ``act`` is GPT-2's tanh GELU (``"gelu_tanh"``: ``0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))``,
-computed as the equal ``y * sigmoid(2 u)``, which cannot overflow) or the erf GELU (``"gelu"``).
-Semantics: :func:`fastgpt.reference.linear`. The LayerNorm output is rounded to the input dtype
-before the product (what a separate LayerNorm kernel would store), then everything accumulates in
-float32 and is rounded once, when ``out`` is stored.
+computed as the equal ``y * sigmoid(2 u)``, which cannot overflow), the erf GELU (``"gelu"``), or
+the LLaMA family's gated SiLU (``"silu_glu"``, below). Semantics: :func:`fastgpt.reference.linear`.
+The normalised row is rounded to the input dtype before the product (what a separate norm kernel
+would store; RMSNorm as Hugging Face's ``LlamaRMSNorm``: statistics in float32, no mean
+subtraction, no bias, the normalised row rounded to the dtype BEFORE the weight multiplies it, and
+the product rounded again), then everything accumulates in float32 and is rounded once, when
+``out`` is stored. The kernels take the norm as a constexpr ``NORM`` (0 none, 1 LayerNorm,
+2 RMSNorm: :data:`NORM_CODES`), so each variant compiles to its own code and GPT-2's is unchanged.
+
+SwiGLU (``activation="silu_glu"``): a LLaMA MLP computes ``silu(x @ G^T) * (x @ U^T)`` with gate and
+up weights ``G``, ``U`` of shape ``(F, K)``. Here they are ONE weight ``W`` of shape ``(2F, K)``
+with the rows interleaved -- row ``2j`` is ``G[j]``, row ``2j + 1`` is ``U[j]`` (the model layer
+builds it once at load time) -- so the kernel runs the ordinary GEMV over ``N = 2F`` and every
+(gate, up) pair lands in two adjacent accumulator columns of the same tile (``BLOCK_N`` is even,
+tiles never split a pair). The epilogue reshapes the ``(BM, BLOCK_N)`` float32 tile to
+``(BM, BLOCK_N/2, 2)``, splits it into gate and up, and stores ``silu(gate) * up`` (float32,
+``silu(g) = g / (1 + exp(-g))``: ``-0``, not NaN, when ``exp`` overflows) to ``BLOCK_N/2`` output
+columns: the output is ``(..., F = N/2)``. A bias is interleaved the same way and added before the
+activation; the residual (if any) has the output's width. With split-K the partials stay in the
+N-wide space and the finishing split applies it. Why interleaved rather than ``[G; U]``
+stacked: with stacked halves a tile would need two weight tiles ``F`` rows apart (two row
+streams, twice the tiles in flight per output); interleaved, each tile is one contiguous block of
+rows and the pairing is free.
 
 Why: at batch 1 a decode step is a chain of matrix-vector products, each bound by reading its
 weight once. A GEMV must stream ``W`` at close to the copy bandwidth, and the small element-wise
-ops around it (LayerNorm, bias, GELU, residual add) cost a launch each while moving almost nothing;
-here they ride along in the one launch that reads ``W``.
+ops around it (LayerNorm / RMSNorm, bias, GELU / SwiGLU, residual add) cost a launch each while
+moving almost nothing; here they ride along in the one launch that reads ``W``.
 
 Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
 -----------------------------------------------------------------
@@ -29,10 +51,11 @@ Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
   element-wise in the loop and is reduced over K once at the end (no per-iteration shuffles).
   ``2 <= M <= 16`` (``BLOCK_M = 16``): ``tl.dot`` on tensor cores (float32 inputs: ``"ieee"``
   precision, no TF32), rows past ``M`` masked.
-* LayerNorm prologue: every program first computes the mean and variance of its ``M`` rows over
-  the whole of K (two passes, exact like the reference; the rows are KBs and come from L1/L2, the
-  weight tile is what costs), then normalises each ``x`` chunk just before the product. No program
-  writes the normalised rows: the LayerNorm output is never materialised.
+* Norm prologue: every program first computes the statistics of its ``M`` rows over the whole of
+  K (LayerNorm: mean and variance, two passes, exact like the reference; RMSNorm: the mean of
+  squares, one pass; the rows are KBs and come from L1/L2, the weight tile is what costs), then
+  normalises each ``x`` chunk just before the product. No program writes the normalised rows: the
+  norm's output is never materialised.
 * Split-K, for shapes with few column tiles (e.g. ``N = 768``): each split writes its float32
   partial sums to a workspace, then ``bar.sync`` + one ``atom.add.acq_rel.gpu`` on a per-tile
   counter. The split that arrives last (counter == ``n_split - 1``) sums the partials in split
@@ -47,17 +70,20 @@ Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
   the acquire (the atomic, then the partials loaded with ``.cg``, bypassing L1) make every
   partial visible to the finishing program.
 
-Whole-row kernel (``_gemv_row_kernel``): ``M == 1`` and ``K <= ROW_K_MAX`` (GPT-2's 768, XL's 1600)
-------------------------------------------------------------------------------------------------------
+Whole-row kernel (``_gemv_row_kernel``): ``M == 1`` and ``K <= ROW_K_MAX`` (GPT-2's 768 / 1600, LLaMA's 576 ... 2048)
+--------------------------------------------------------------------------------------------------------------------------
 Batch-1 decode is bound by streaming ``W`` once; ``x`` is one row of at most 2048 features. Each
 program holds the whole row (``ROW_K = next_power_of_2(K)``: one K chunk, so no K loop, no split-K
 handshake, no workspace, and no 256-wide iteration spent on K = 1600's last 64 columns) and
 reduces ``(BLOCK_N, ROW_K)`` weight tiles of ``BLOCK_N = 4096 / ROW_K`` rows. One program per tile,
 or, when there are more than ``PERSISTENT_MIN_TILES_PER_SM`` tiles per SM (the LM head:
 12,565 tiles for GPT-2), persistent: ``PERSISTENT_PROGRAMS_PER_SM`` programs per SM, each
-normalising its row ONCE (LayerNorm statistics and the normalised row stay in registers) and
-streaming every G-th tile with the next tile's load in flight. :func:`default_config` picks it for
-these shapes (:func:`row_config`); the measured plan weighs it against the K-loop tiles.
+normalising its row ONCE (LayerNorm / RMSNorm statistics and the normalised row stay in
+registers) and streaming every G-th tile with the next tile's load in flight. :func:`default_config`
+picks it for these shapes (:func:`row_config`: ``BLOCK_N = 4`` rows at K <= 1024, 2 at K <= 2048,
+so a silu_glu tile is 2 or 1 output columns); the measured plan weighs it against the K-loop tiles.
+The LLaMA hidden sizes 3072 and 4096 (Llama-3.2-3B, 8B, Mistral) and every down projection
+(K = F) take the K-loop kernel; the M == 1 statistics then come from one ``LN_ROW = 4096`` load.
 
 Attention combine prologue (``attn_partials=``)
 -----------------------------------------------
@@ -88,10 +114,13 @@ Kernel count per transformer layer, decode (M = B <= 16), by construction
 Before (PyTorch ops): ln_1, c_attn addmm, [attention], c_proj addmm, residual add, ln_2, c_fc addmm,
 GELU, c_proj addmm, residual add = 9 launches + attention.
 After (every GEMV plan "triton"): ln_1+c_attn+bias, attention (split partials, one launch),
-c_proj+split combine+bias+residual, ln_2+c_fc+bias+GELU, c_proj+bias+residual = 5 launches; per
-step, ln_f + LM head (persistent) is one more launch (and the first layer's ``wte + wpe`` one add). With a "cublas" plan an op costs its
-cuBLAS call plus one LayerNorm launch (ln ops) or plus nothing (residual ops: the add is deferred
-into the next LayerNorm, which becomes an add + LayerNorm launch); see ``fastgpt.backend``.
+c_proj+split combine+bias+residual, ln_2+c_fc+bias+GELU, c_proj+bias+residual = 5 launches (a
+LLaMA layer the same 5: RMSNorm+qkv, attention, o_proj+combine+residual, RMSNorm+gate_up+SwiGLU,
+down+residual; the rotary embedding rides in the attention kernels' ``rope=``); per step, ln_f +
+LM head (persistent) is one more launch (and the first layer's ``wte + wpe`` one add). With a
+"cublas" plan an op costs its cuBLAS call plus one LayerNorm / RMSNorm launch (norm ops; silu_glu
+adds its two element-wise ops) or plus nothing (residual ops: the add is deferred into the next
+norm, which becomes an add + norm launch); see ``fastgpt.backend``.
 """
 
 from __future__ import annotations

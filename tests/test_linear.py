@@ -1,4 +1,5 @@
-"""The fused GEMV (kernels/linear.py), its per-shape plan, and the model wired through it.
+"""The fused GEMV (kernels/linear.py) -- LayerNorm / RMSNorm prologue, GELU / SwiGLU (silu_glu)
+and residual epilogues -- its per-shape plan, and the model wired through it.
 
 Kernel results are compared with :func:`fastgpt.reference.linear` evaluated in float64 on fresh
 random inputs, outputs (and split-K partials) poisoned with NaN before each launch. On the CPU the
@@ -353,6 +354,27 @@ def test_persistent_grid_and_the_k_loop_beyond_row_k_max():
     # K past ROW_K_MAX (GPT-2's 3072-wide projection) and M > 1 take the K-loop kernel.
     assert not KL.uses_row_kernel(1, 3072, KL.default_config(1, 768, 3072, DEVICE))
     assert not KL.uses_row_kernel(2, 768, KL.default_config(2, 768, 768, DEVICE))
+
+
+def test_llama_shapes_default_configs():
+    """The configs the LLaMA shapes get without a measurement: the whole-row kernel for hidden sizes
+    up to ROW_K_MAX (4 rows per tile at 576 / 896, 2 at 1536 / 2048: a silu_glu tile holds whole
+    pairs), the K-loop for 3072 / 4096 and the down projections (K = F up to 14336), and every
+    candidate's block_n even (tiles never split a (gate, up) pair)."""
+    for K, block_n in ((576, 4), (896, 4), (1536, 2), (2048, 2)):
+        cfg = KL.default_config(1, 2 * 8192, K, DEVICE)
+        assert cfg == KL.row_config(K) and cfg.block_n == block_n and KL.uses_row_kernel(1, K, cfg)
+    for K in (3072, 4096, 4864, 8192, 14336):
+        assert not KL.uses_row_kernel(1, K, KL.default_config(1, 2048, K, DEVICE))
+    # The LM heads at M == 1: persistent whole-row launches on a 132-SM GPU.
+    for N, K in ((128256, 2048), (151936, 896), (49152, 576)):
+        cfg = KL.row_config(K)
+        n_tiles = -(-N // cfg.block_n)
+        assert n_tiles > KL.PERSISTENT_MIN_TILES_PER_SM * 132, "persistent on an H100 / H200"
+    for M in (1, 8):
+        for K in LLAMA_HIDDEN:
+            for cfg in KL.candidate_configs(M, 2 * 4 * K, K, DEVICE, exhaustive=True):
+                assert cfg.block_n >= 2 and cfg.block_n % 2 == 0, cfg
 
 
 def test_whole_row_kernel_combines_attention_partials(gemv_launches):
