@@ -1,9 +1,13 @@
-"""cuBLAS against the fused Triton GEMV on GPT-2's decode shapes.
+"""cuBLAS against the fused Triton GEMV on GPT-2's and Llama-3.2-1B's decode shapes.
 
-``python -m benchmarks.linear [--quick | --dry-run]``. fp16, M (= batch at decode) in {1, 8}, the four layer
-projections of GPT-2 small and XL (the LM heads too without ``--quick``), each with the epilogue
-it has in the model (ln_1 + QKV + bias; out-proj + bias + residual; ln_2 + FC + bias + GELU;
-proj + bias + residual; ln_f + LM head). Per shape:
+``python -m benchmarks.linear [--quick | --dry-run]``. M (= batch at decode) in {1, 8}. GPT-2 small
+and XL (fp16): the four layer projections (the LM heads too without ``--quick``), each with the
+epilogue it has in the model (ln_1 + QKV + bias; out-proj + bias + residual; ln_2 + FC + bias +
+GELU; proj + bias + residual; ln_f + LM head). Llama-3.2-1B (bf16, hidden 2048, 32 query / 8 K/V
+heads of 64, MLP 8192, vocabulary 128,256): RMSNorm + QKV (N 3072); o_proj + residual (the
+``attn_proj`` row); RMSNorm + gate_up (the row-interleaved (16384, 2048) weight) + silu_glu;
+down (K 8192) + residual; RMSNorm + LM head (N 128,256, without ``--quick``; ``--quick`` also runs
+these rows at M = 1 only). Per shape:
 
 * ``gemv``: the bare product with its bias -- ``torch.addmm`` (cuBLAS) vs the Triton GEMV
   (:func:`kernels.linear.linear`, bias only): microseconds, the weight-read bandwidth
@@ -28,9 +32,11 @@ reads its weight from HBM, as in a real decode step. Median of several replays /
 
 Targets (``summary``): the bare Triton GEMV reads at >= 70% of the copy bandwidth at M = 1 on
 GPT-2 small's four shapes (small matrices are launch-latency bound; read the numbers, not only
-the flag) and >= 80% on GPT-2 XL's FC; the fused op is not slower than the cuBLAS path.
+the flag) and >= 80% on GPT-2 XL's FC; the fused op is not slower than the cuBLAS path; the four
+fused Llama-3.2-1B layer ops together (at the plan's choice, M = 1) read their weights at >= 75%
+of the copy bandwidth (issue 15's decode target is 75% of the roofline).
 Without a GPU it prints that it needs one and exits 0; ``--dry-run`` instead runs every column on
-tiny shapes (C = 128, vocabulary 301, M in {1, 2}) under the Triton interpreter on the CPU,
+tiny shapes (C = 128, vocabulary 301, M in {1, 2}, both families) under the Triton interpreter on the CPU,
 checks the Triton results against the cuBLAS path's and writes nothing (what CI runs).
 """
 
@@ -45,19 +51,31 @@ import torch
 
 from benchmarks.common import env_override, measure_copy_bandwidth_gbs, result_header, time_gpu, write_results
 
-#: (model, op, N, K, epilogue) at GPT-2 small (C = 768) and XL (C = 1600); ``dry_run``: C = 128.
-def shapes(include_lm_head: bool, dry_run: bool = False) -> list[tuple[str, str, int, int, str]]:
+#: (model, op, N, K, epilogue, dtype) at GPT-2 small (C = 768) and XL (C = 1600) in fp16, and
+#: Llama-3.2-1B (C = 2048) in bf16; ``dry_run``: C = 128 for both families. ``epilogue``: the
+#: "+"-joined stages: ln (LayerNorm) / rms (RMSNorm), bias, gelu / silu_glu, residual.
+def shapes(include_lm_head: bool, dry_run: bool = False) -> list[tuple[str, str, int, int, str, torch.dtype]]:
     out = []
     vocab = 301 if dry_run else 50257
     for model, C in (("tiny", 128),) if dry_run else (("gpt2", 768), ("gpt2-xl", 1600)):
         out += [
-            (model, "qkv", 3 * C, C, "ln+bias"),
-            (model, "attn_proj", C, C, "bias+residual"),
-            (model, "fc", 4 * C, C, "ln+bias+gelu"),
-            (model, "mlp_proj", C, 4 * C, "bias+residual"),
+            (model, "qkv", 3 * C, C, "ln+bias", torch.float16),
+            (model, "attn_proj", C, C, "bias+residual", torch.float16),
+            (model, "fc", 4 * C, C, "ln+bias+gelu", torch.float16),
+            (model, "mlp_proj", C, 4 * C, "bias+residual", torch.float16),
         ]
         if include_lm_head:
-            out.append((model, "lm_head", vocab, C, "ln"))
+            out.append((model, "lm_head", vocab, C, "ln", torch.float16))
+    # LLaMA family: hidden C, H_kv = H / 4 K/V heads (q + k + v = 1.5 C), MLP F = 4 C.
+    model, C, F, vocab = ("tiny-llama", 128, 256, 301) if dry_run else ("llama-3.2-1b", 2048, 8192, 128256)
+    out += [
+        (model, "qkv", C + 2 * (C // 4), C, "rms", torch.bfloat16),
+        (model, "attn_proj", C, C, "residual", torch.bfloat16),
+        (model, "gate_up", 2 * F, C, "rms+silu_glu", torch.bfloat16),
+        (model, "down", C, F, "residual", torch.bfloat16),
+    ]
+    if include_lm_head:
+        out.append((model, "lm_head", vocab, C, "rms", torch.bfloat16))
     return out
 
 
@@ -91,6 +109,7 @@ def _attention_partials(M: int, C: int, dev: torch.device, dtype: torch.dtype):
 
 
 def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16, dry_run=False) -> dict:
+    """One row: the bare and fused op of shape (N, K) at M rows, cuBLAS vs Triton (see the module doc)."""
     import fastgpt.kernels.linear as KL
     import fastgpt.kernels.linear_plan as LP
 
@@ -99,18 +118,28 @@ def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16, 
         dtype, quick, w_bytes, n_copies, n_calls = torch.float32, True, N * K * 4, 1, 1
     else:
         l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20) or 50 * 2**20
-        w_bytes = N * K * 2
+        w_bytes = N * K * dtype.itemsize
         n_copies = max(2, math.ceil(3 * l2 / w_bytes))
         n_calls = max(REPS_MIN, n_copies)
     g = torch.Generator(device=dev).manual_seed(0)
     weights = [torch.randn(N, K, device=dev, dtype=dtype, generator=g) * K**-0.5 for _ in range(n_copies)]
     x = torch.randn(M, K, device=dev, dtype=dtype, generator=g)
-    bias = None if epilogue == "ln" else torch.randn(N, device=dev, dtype=dtype, generator=g) * 0.1
-    residual = torch.randn(M, N, device=dev, dtype=dtype, generator=g) if "residual" in epilogue else None
-    ln = dict(ln_weight=torch.ones(K, device=dev, dtype=dtype), ln_bias=torch.zeros(K, device=dev, dtype=dtype)) if "ln" in epilogue else {}
-    activation = "gelu_tanh" if "gelu" in epilogue else None
+    stages = set(epilogue.split("+"))
+    assert stages <= {"ln", "rms", "bias", "gelu", "silu_glu", "residual"}, epilogue
+    activation = "gelu_tanh" if "gelu" in stages else "silu_glu" if "silu_glu" in stages else None
+    N_out = KL.output_width(N, activation)
+    bias = torch.randn(N, device=dev, dtype=dtype, generator=g) * 0.1 if "bias" in stages else None
+    residual = torch.randn(M, N_out, device=dev, dtype=dtype, generator=g) if "residual" in stages else None
+    ln_weight = torch.ones(K, device=dev, dtype=dtype)
+    if "ln" in stages:
+        ln = dict(ln_weight=ln_weight, ln_bias=torch.zeros(K, device=dev, dtype=dtype))
+    elif "rms" in stages:
+        ln = dict(ln_weight=ln_weight, norm="rmsnorm", ln_eps=1e-5)
+    else:
+        ln = {}
     fused_kwargs = dict(activation=activation, residual=residual, **ln)
-    out = torch.empty(M, N, device=dev, dtype=dtype)
+    out_gemv = torch.empty(M, N, device=dev, dtype=dtype)  # the bare product: N columns
+    out = torch.empty(M, N_out, device=dev, dtype=dtype)  # the fused op: N/2 with silu_glu
     bias_or_zero = bias if bias is not None else torch.zeros(N, device=dev, dtype=dtype)
 
     if quick:
@@ -123,9 +152,9 @@ def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16, 
     gemv_config = gemv_config or KL.default_config(M, N, K, dev)
 
     times = {
-        "cublas_gemv_us": _graph_us(lambda i: torch.addmm(bias_or_zero, x, weights[i % n_copies].t(), out=out), n_calls),
+        "cublas_gemv_us": _graph_us(lambda i: torch.addmm(bias_or_zero, x, weights[i % n_copies].t(), out=out_gemv), n_calls),
         "triton_gemv_us": _graph_us(
-            lambda i: KL.linear(x, weights[i % n_copies], bias_or_zero, out=out, config=gemv_config), n_calls
+            lambda i: KL.linear(x, weights[i % n_copies], bias_or_zero, out=out_gemv, config=gemv_config), n_calls
         ),
         "cublas_fused_us": _graph_us(
             lambda i: KL.cublas_linear(x, weights[i % n_copies], bias, out=out, **fused_kwargs), n_calls
@@ -140,7 +169,7 @@ def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16, 
     if op == "attn_proj" and M <= KL.GEMV_MAX_M:
         partials = _attention_partials(M, K, dev, dtype)
         out3 = out.view(M, 1, N)  # (M, N) -> (B, 1, N): the attention output's leading shape
-        res3 = residual.view(M, 1, N)
+        res3 = residual.view(M, 1, N)  # (attn_proj has no activation: N_out = N)
         combine_config = KL.default_config(M, N, K, dev)
 
         def with_combine(i):
@@ -149,7 +178,7 @@ def measure(model, op, N, K, epilogue, M, copy_gbs, quick, dtype=torch.float16, 
         times["triton_combine_us"] = _graph_us(with_combine, n_calls)
         times["triton_combine_nopdl_us"] = _graph_us(with_combine, n_calls, pdl=False)
     gb = w_bytes / 1e9
-    row = dict(model=model, op=op, N=N, K=K, M=M, dtype="float16", epilogue=epilogue, weight_mb=round(w_bytes / 2**20, 2))
+    row = dict(model=model, op=op, N=N, K=K, M=M, dtype=str(dtype).replace("torch.", ""), epilogue=epilogue, weight_mb=round(w_bytes / 2**20, 2))
     row.update({k: round(v, 2) for k, v in times.items()})
     for side in (k[: -len("_us")] for k in times):
         gbs = gb / (times[f"{side}_us"] * 1e-6)
@@ -186,16 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device-to-device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     rows = []
     header = (
-        f"{'model':<8}{'op':<10}{'N x K':>13}{'M':>3} | {'cuBLAS':>8}{'Triton':>8}{'bw%':>6} (bare GEMV, us)"
+        f"{'model':<13}{'op':<10}{'N x K':>13}{'M':>3} | {'cuBLAS':>8}{'Triton':>8}{'bw%':>6} (bare GEMV, us)"
         f" | {'cuBLAS':>8}{'Triton':>8}{'x':>6} (fused op, us) | plan"
     )
     print(header)
-    for model, op, N, K, epilogue in shapes(include_lm_head=not args.quick):
-        for M in (1, 8):
-            r = measure(model, op, N, K, epilogue, M, copy_gbs, args.quick)
+    for model, op, N, K, epilogue, dtype in shapes(include_lm_head=not args.quick):
+        # --quick (the GPU check's stage, 45 s): the Llama rows at M = 1 only (each new
+        # dtype / epilogue is a few Triton compiles).
+        for M in (1,) if args.quick and model.startswith("llama") else (1, 8):
+            r = measure(model, op, N, K, epilogue, M, copy_gbs, args.quick, dtype=dtype)
             rows.append(r)
             print(
-                f"{model:<8}{op:<10}{f'{N}x{K}':>13}{M:>3} | {r['cublas_gemv_us']:>8.2f}{r['triton_gemv_us']:>8.2f}"
+                f"{model:<13}{op:<10}{f'{N}x{K}':>13}{M:>3} | {r['cublas_gemv_us']:>8.2f}{r['triton_gemv_us']:>8.2f}"
                 f"{100 * r['triton_gemv_bw_frac']:>5.0f}% | {r['cublas_fused_us']:>8.2f}{r['triton_fused_us']:>8.2f}"
                 f"{r['fused_speedup_vs_cublas']:>6.2f} | PDL x{r['pdl_speedup']:.2f}"
                 + (f" | +combine {r['triton_combine_us']:.2f}" if "triton_combine_us" in r else "")
@@ -218,6 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     summary.append(
         dict(metric="GEMV bw / copy bw, gpt2-xl fc 6400x1600 M=1", value=xl_fc["triton_gemv_bw_frac"], target=">= 0.80", met=xl_fc["triton_gemv_bw_frac"] >= 0.80)
     )
+    llama = [r for r in rows if r["model"] == "llama-3.2-1b" and r["M"] == 1 and r["op"] != "lm_head"]
+    if llama:  # one layer's four ops, each at the plan's choice (the faster of cuBLAS and Triton)
+        layer_us = sum(min(r["triton_fused_us"], r["cublas_fused_us"]) for r in llama)
+        layer_frac = sum(r["weight_mb"] * 2**20 for r in llama) / (layer_us * 1e-6) / 1e9 / copy_gbs
+        summary.append(
+            dict(
+                metric="llama-3.2-1b layer GEMVs (fused, plan) bw / copy bw, M=1",
+                value=round(layer_frac, 3),
+                target=">= 0.75",
+                met=layer_frac >= 0.75,
+            )
+        )
     slower = [f"{r['model']}.{r['op']}.M{r['M']}" for r in rows if r["fused_speedup_vs_cublas"] < 1.0]
     summary.append(
         dict(
@@ -244,11 +287,11 @@ def dry_run() -> int:
         env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
         return subprocess.call([sys.executable, "-m", "benchmarks.linear", "--dry-run"], env=env)
     worst = 0.0
-    for model, op, N, K, epilogue in shapes(include_lm_head=True, dry_run=True):
+    for model, op, N, K, epilogue, _ in shapes(include_lm_head=True, dry_run=True):
         for M in (1, 2):
             r = measure(model, op, N, K, epilogue, M, copy_gbs=1.0, quick=True, dry_run=True)
             worst = max(worst, r["max_rel_err_vs_cublas"])
-            print(f"{model} {op:<10}{N:>5}x{K:<5} M={M}  columns: {sorted(k for k in r if k.endswith('_us'))}  err {r['max_rel_err_vs_cublas']:.1e}")
+            print(f"{model:<10} {op:<10}{N:>5}x{K:<5} M={M}  columns: {sorted(k for k in r if k.endswith('_us'))}  err {r['max_rel_err_vs_cublas']:.1e}")
     ok = worst < 1e-4
     print(f"dry run: worst relative error vs the cuBLAS path {worst:.1e} ({'ok' if ok else 'FAILED'})")
     return 0 if ok else 1

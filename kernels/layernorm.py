@@ -1,19 +1,25 @@
-"""LayerNorm with a fused residual add ("add + LN"), one Triton program per row.
+"""LayerNorm or RMSNorm with a fused residual add ("add + LN", "add + RMSNorm"), one Triton
+program per row.
 
 Maths
 -----
 For each row of ``C`` features (the last dimension)::
 
     s = x + residual                      (s = x when there is no residual)
-    h = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias
+    h = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias        add_layernorm (GPT-2)
+    h = round(s / sqrt(mean(s^2) + eps)) * weight                 add_rmsnorm   (the LLaMA family)
 
-with the biased variance ``var(s) = mean((s - mean(s))^2)``, as ``torch.nn.LayerNorm``. ``s`` is
-rounded to the input dtype before it is normalised, because that rounded ``s`` is what gets stored
-as the new residual stream (and what ``x + residual`` followed by ``F.layer_norm`` normalises); the
+LayerNorm: the biased variance ``var(s) = mean((s - mean(s))^2)``, as ``torch.nn.LayerNorm``.
+RMSNorm: Hugging Face's ``LlamaRMSNorm`` -- no mean subtraction, no bias, the normalised row
+rounded to the dtype (``round``) before the weight multiplies it, the product rounded again. ``s``
+is rounded to the input dtype before it is normalised, because that rounded ``s`` is what gets
+stored as the new residual stream (and what ``x + residual`` followed by the norm normalises); the
 statistics and the normalisation run in float32. The semantics are those of
-:func:`fastgpt.reference.add_layernorm`.
+:func:`fastgpt.reference.add_layernorm` / :func:`fastgpt.reference.add_rmsnorm`. One kernel serves
+both (constexpr ``RMS``); the cuBLAS side of the linear ops (prefill, or a plan that chose cuBLAS)
+calls these before the product, while the decode GEMVs fuse the norm themselves.
 
-Why it exists: in a pre-LN transformer the residual add of one sub-block and the LayerNorm of the
+Why it exists: in a pre-norm transformer the residual add of one sub-block and the norm of the
 next read and write the same row; fused, the row is read once and both ``s`` (the residual stream)
 and ``h`` (the next sub-block's input) are written by one launch instead of three kernels.
 
@@ -22,15 +28,16 @@ Shapes and dtypes
 * ``x``, ``residual``: ``(..., C)``, float16 / bfloat16 / float32 (the same), any strides as long
   as the leading dimensions flatten to rows with a single row stride (e.g. ``x[:, -1]`` of a
   ``(B, T, C)`` tensor) and the last dimension is contiguous.
-* ``weight``, ``bias``: ``(C,)`` contiguous, same dtype. ``C <= MAX_C``.
+* ``weight``, ``bias`` (LayerNorm only): ``(C,)`` contiguous, same dtype. ``C <= MAX_C``.
 * outputs ``h`` and ``s``: ``x.shape``, same dtype; ``out=`` / ``residual_out=`` may be
   preallocated. ``residual_out`` may be ``x`` or ``residual`` itself (in place): each program
   reads its whole row before it writes it.
 
 The kernel holds a whole row in registers (``BLOCK_C = next_power_of_2(C)``), so there is no
-loop and no second read: GPT-2's widths (768 ... 1600) take 1024 or 2048 slots.
+loop and no second read: GPT-2's widths (768 ... 1600) take 1024 or 2048 slots, the LLaMA
+family's (576 ... 4096) 1024 to 4096.
 
-Programmatic dependent launch (:func:`kernels.utils.pdl_enabled`): the LayerNorm parameters are
+Programmatic dependent launch (:func:`kernels.utils.pdl_enabled`): the norm parameters are
 loaded before ``gdc_wait``, the rows (the previous kernels' outputs) after it.
 """
 
@@ -42,7 +49,7 @@ import triton.language as tl
 
 from .utils import check_tensor, note_launch, pdl_enabled, triton_usable_on
 
-__all__ = ["MAX_C", "add_layernorm", "layernorm_num_warps"]
+__all__ = ["MAX_C", "add_layernorm", "add_rmsnorm", "layernorm_num_warps"]
 
 #: The widest row one program normalises (it lives in registers: 16384 fp32 over 16 warps).
 MAX_C = 16384
@@ -70,6 +77,7 @@ def _add_layernorm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_C: tl.constexpr,
     USE_PDL: tl.constexpr,
+    RMS: tl.constexpr = False,  # RMSNorm (no mean, no bias; b_ptr unused) instead of LayerNorm
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2^31 in a long prefill
     offs = tl.arange(0, BLOCK_C)
@@ -77,7 +85,8 @@ def _add_layernorm_kernel(
     if BLOCK_C <= EARLY_PARAMS_MAX_C:
         # The parameters are constant: loaded while the previous kernel may still run (PDL).
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if not RMS:
+            b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -88,14 +97,21 @@ def _add_layernorm_kernel(
         tl.store(s_ptr + row * stride_s + offs, s_rounded, mask=mask)
         # Normalise the stored (rounded) sum, as the unfused `x + r` then LayerNorm does.
         s = s_rounded.to(tl.float32)
-    mean = tl.sum(s, axis=0) / C
-    centred = tl.where(mask, s - mean, 0.0)  # masked lanes must not enter the variance
-    var = tl.sum(centred * centred, axis=0) / C
-    rstd = 1.0 / tl.sqrt(var + eps)
-    if BLOCK_C > EARLY_PARAMS_MAX_C:
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    h = centred * rstd * w + b
+    if RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / C + eps)  # masked lanes are 0
+        if BLOCK_C > EARLY_PARAMS_MAX_C:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # HF LlamaRMSNorm: the normalised row rounded to the dtype, then times the weight.
+        h = (s * rstd).to(h_ptr.dtype.element_ty).to(tl.float32) * w
+    else:
+        mean = tl.sum(s, axis=0) / C
+        centred = tl.where(mask, s - mean, 0.0)  # masked lanes must not enter the variance
+        var = tl.sum(centred * centred, axis=0) / C
+        rstd = 1.0 / tl.sqrt(var + eps)
+        if BLOCK_C > EARLY_PARAMS_MAX_C:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = centred * rstd * w + b
     tl.store(h_ptr + row * stride_h + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -177,21 +193,45 @@ def add_layernorm(
     -------
     (h, s) : ``h`` the normalised rows, ``s`` the residual sum (``x`` itself without a residual).
     """
+    return _add_norm("add_layernorm", x, weight, bias, eps, residual, out, residual_out)
+
+
+def add_rmsnorm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual``; ``h = RMSNorm(s) * weight`` (Hugging Face's ``LlamaRMSNorm``), one launch.
+
+    ``h = (s * rsqrt(mean(s^2) + eps))`` in float32, rounded to the dtype, times ``weight``
+    (:func:`fastgpt.reference.add_rmsnorm`). Arguments, checks and results as
+    :func:`add_layernorm`, without a bias; ``residual`` may also be passed by position.
+    """
+    return _add_norm("add_rmsnorm", x, weight, None, eps, residual, out, residual_out)
+
+
+def _add_norm(name, x, weight, bias, eps, residual, out, residual_out) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checks and the launch of :func:`add_layernorm` (``bias`` given) / :func:`add_rmsnorm` (None)."""
+    rms = bias is None
     check_tensor(x, "x", dtypes=_FLOAT_DTYPES, last_dim_contiguous=True)
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     device, dtype, C = x.device, x.dtype, x.shape[-1]
     if not triton_usable_on(device):
         raise ValueError(
-            f"add_layernorm runs Triton kernels: x must be on a CUDA device, or on the CPU with "
+            f"{name} runs Triton kernels: x must be on a CUDA device, or on the CPU with "
             f"TRITON_INTERPRET=1 set before kernels are imported; got {device}"
         )
     if C > MAX_C:
-        raise ValueError(f"x has C={C} features; add_layernorm supports 1 <= C <= {MAX_C}")
-    for t, name in ((weight, "weight"), (bias, "bias")):
-        check_tensor(t, name, ndim=1, dtypes=(dtype,), device=device)
+        raise ValueError(f"x has C={C} features; {name} supports 1 <= C <= {MAX_C}")
+    for t, arg in ((weight, "weight"),) if rms else ((weight, "weight"), (bias, "bias")):
+        check_tensor(t, arg, ndim=1, dtypes=(dtype,), device=device)
         if t.shape[0] != C or (C > 1 and t.stride(0) != 1):
-            raise ValueError(f"{name} must be a contiguous ({C},) tensor, got shape {tuple(t.shape)} strides {t.stride()}")
+            raise ValueError(f"{arg} must be a contiguous ({C},) tensor, got shape {tuple(t.shape)} strides {t.stride()}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     x_rows = as_rows(x, "x")
@@ -234,10 +274,10 @@ def add_layernorm(
         block_c = triton.next_power_of_2(C)
         use_pdl = pdl_enabled(device)
         _add_layernorm_kernel[(M,)](
-            x_rows, res_rows, weight, bias, h_rows, s_rows,
+            x_rows, res_rows, weight, weight if rms else bias, h_rows, s_rows,
             C, x_rows.stride(0), res_rows.stride(0), h_rows.stride(0), s_rows.stride(0), float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK_C=block_c, USE_PDL=use_pdl, launch_pdl=use_pdl,
+            HAS_RESIDUAL=residual is not None, BLOCK_C=block_c, USE_PDL=use_pdl, RMS=rms, launch_pdl=use_pdl,
             num_warps=layernorm_num_warps(block_c),
         )  # fmt: skip
-    note_launch("layernorm", "triton", residual=residual is not None)
+    note_launch("layernorm", "triton", residual=residual is not None, norm="rmsnorm" if rms else "layernorm")
     return out, (residual_out if residual is not None else x)

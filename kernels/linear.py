@@ -1,24 +1,46 @@
-"""Skinny matmul (GEMV) for decode-sized batches, with a fused LayerNorm prologue and fused bias,
-GELU and residual epilogues (Triton), and the same op on cuBLAS (:func:`cublas_linear`).
+"""Skinny matmul (GEMV) for decode-sized batches, with a fused LayerNorm / RMSNorm prologue and
+fused bias, GELU / SwiGLU and residual epilogues (Triton), and the same op on cuBLAS
+(:func:`cublas_linear`).
 
 Maths
 -----
 For ``x`` with ``M = B*T`` rows of ``K`` features and an ``nn.Linear`` weight ``W`` of shape
 ``(N, K)``::
 
-    a   = LN(x)                = (x - mean) / sqrt(var + eps) * ln_weight + ln_bias    (optional)
-    out = residual + act(a @ W^T + bias)                                                (each optional)
+    a   = norm(x)                                                                     (optional)
+        = LN(x)  = (x - mean) / sqrt(var + eps) * ln_weight + ln_bias      norm="layernorm" (GPT-2)
+        = RMS(x) = round(x / sqrt(mean(x^2) + eps)) * ln_weight            norm="rmsnorm" (LLaMA)
+    out = residual + act(a @ W^T + bias)                                              (each optional)
 
 ``act`` is GPT-2's tanh GELU (``"gelu_tanh"``: ``0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))``,
-computed as the equal ``y * sigmoid(2 u)``, which cannot overflow) or the erf GELU (``"gelu"``).
-Semantics: :func:`fastgpt.reference.linear`. The LayerNorm output is rounded to the input dtype
-before the product (what a separate LayerNorm kernel would store), then everything accumulates in
-float32 and is rounded once, when ``out`` is stored.
+computed as the equal ``y * sigmoid(2 u)``, which cannot overflow), the erf GELU (``"gelu"``), or
+the LLaMA family's gated SiLU (``"silu_glu"``, below). Semantics: :func:`fastgpt.reference.linear`.
+The normalised row is rounded to the input dtype before the product (what a separate norm kernel
+would store; RMSNorm as Hugging Face's ``LlamaRMSNorm``: statistics in float32, no mean
+subtraction, no bias, the normalised row rounded to the dtype BEFORE the weight multiplies it, and
+the product rounded again), then everything accumulates in float32 and is rounded once, when
+``out`` is stored. The kernels take the norm as a constexpr ``NORM`` (0 none, 1 LayerNorm,
+2 RMSNorm: :data:`NORM_CODES`), so each variant compiles to its own code and GPT-2's is unchanged.
+
+SwiGLU (``activation="silu_glu"``): a LLaMA MLP computes ``silu(x @ G^T) * (x @ U^T)`` with gate and
+up weights ``G``, ``U`` of shape ``(F, K)``. Here they are ONE weight ``W`` of shape ``(2F, K)``
+with the rows interleaved -- row ``2j`` is ``G[j]``, row ``2j + 1`` is ``U[j]`` (the model layer
+builds it once at load time) -- so the kernel runs the ordinary GEMV over ``N = 2F`` and every
+(gate, up) pair lands in two adjacent accumulator columns of the same tile (``BLOCK_N`` is even,
+tiles never split a pair). The epilogue reshapes the ``(BM, BLOCK_N)`` float32 tile to
+``(BM, BLOCK_N/2, 2)``, splits it into gate and up, and stores ``silu(gate) * up`` (float32,
+``silu(g) = g / (1 + exp(-g))``: ``-0``, not NaN, when ``exp`` overflows) to ``BLOCK_N/2`` output
+columns: the output is ``(..., F = N/2)``. A bias is interleaved the same way and added before the
+activation; the residual (if any) has the output's width. With split-K the partials stay in the
+N-wide space and the finishing split applies it. Why interleaved rather than ``[G; U]``
+stacked: with stacked halves a tile would need two weight tiles ``F`` rows apart (two row
+streams, twice the tiles in flight per output); interleaved, each tile is one contiguous block of
+rows and the pairing is free.
 
 Why: at batch 1 a decode step is a chain of matrix-vector products, each bound by reading its
 weight once. A GEMV must stream ``W`` at close to the copy bandwidth, and the small element-wise
-ops around it (LayerNorm, bias, GELU, residual add) cost a launch each while moving almost nothing;
-here they ride along in the one launch that reads ``W``.
+ops around it (LayerNorm / RMSNorm, bias, GELU / SwiGLU, residual add) cost a launch each while
+moving almost nothing; here they ride along in the one launch that reads ``W``.
 
 Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
 -----------------------------------------------------------------
@@ -29,10 +51,11 @@ Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
   element-wise in the loop and is reduced over K once at the end (no per-iteration shuffles).
   ``2 <= M <= 16`` (``BLOCK_M = 16``): ``tl.dot`` on tensor cores (float32 inputs: ``"ieee"``
   precision, no TF32), rows past ``M`` masked.
-* LayerNorm prologue: every program first computes the mean and variance of its ``M`` rows over
-  the whole of K (two passes, exact like the reference; the rows are KBs and come from L1/L2, the
-  weight tile is what costs), then normalises each ``x`` chunk just before the product. No program
-  writes the normalised rows: the LayerNorm output is never materialised.
+* Norm prologue: every program first computes the statistics of its ``M`` rows over the whole of
+  K (LayerNorm: mean and variance, two passes, exact like the reference; RMSNorm: the mean of
+  squares, one pass; the rows are KBs and come from L1/L2, the weight tile is what costs), then
+  normalises each ``x`` chunk just before the product. No program writes the normalised rows: the
+  norm's output is never materialised.
 * Split-K, for shapes with few column tiles (e.g. ``N = 768``): each split writes its float32
   partial sums to a workspace, then ``bar.sync`` + one ``atom.add.acq_rel.gpu`` on a per-tile
   counter. The split that arrives last (counter == ``n_split - 1``) sums the partials in split
@@ -47,17 +70,20 @@ Kernel (``_gemv_kernel``), grid ``(cdiv(N, BLOCK_N), n_split)``
   the acquire (the atomic, then the partials loaded with ``.cg``, bypassing L1) make every
   partial visible to the finishing program.
 
-Whole-row kernel (``_gemv_row_kernel``): ``M == 1`` and ``K <= ROW_K_MAX`` (GPT-2's 768, XL's 1600)
-------------------------------------------------------------------------------------------------------
+Whole-row kernel (``_gemv_row_kernel``): ``M == 1`` and ``K <= ROW_K_MAX`` (GPT-2's 768 / 1600, LLaMA's 576 ... 2048)
+--------------------------------------------------------------------------------------------------------------------------
 Batch-1 decode is bound by streaming ``W`` once; ``x`` is one row of at most 2048 features. Each
 program holds the whole row (``ROW_K = next_power_of_2(K)``: one K chunk, so no K loop, no split-K
 handshake, no workspace, and no 256-wide iteration spent on K = 1600's last 64 columns) and
 reduces ``(BLOCK_N, ROW_K)`` weight tiles of ``BLOCK_N = 4096 / ROW_K`` rows. One program per tile,
 or, when there are more than ``PERSISTENT_MIN_TILES_PER_SM`` tiles per SM (the LM head:
 12,565 tiles for GPT-2), persistent: ``PERSISTENT_PROGRAMS_PER_SM`` programs per SM, each
-normalising its row ONCE (LayerNorm statistics and the normalised row stay in registers) and
-streaming every G-th tile with the next tile's load in flight. :func:`default_config` picks it for
-these shapes (:func:`row_config`); the measured plan weighs it against the K-loop tiles.
+normalising its row ONCE (LayerNorm / RMSNorm statistics and the normalised row stay in
+registers) and streaming every G-th tile with the next tile's load in flight. :func:`default_config`
+picks it for these shapes (:func:`row_config`: ``BLOCK_N = 4`` rows at K <= 1024, 2 at K <= 2048,
+so a silu_glu tile is 2 or 1 output columns); the measured plan weighs it against the K-loop tiles.
+The LLaMA hidden sizes 3072 and 4096 (Llama-3.2-3B, 8B, Mistral) and every down projection
+(K = F) take the K-loop kernel; the M == 1 statistics then come from one ``LN_ROW = 4096`` load.
 
 Attention combine prologue (``attn_partials=``)
 -----------------------------------------------
@@ -88,10 +114,13 @@ Kernel count per transformer layer, decode (M = B <= 16), by construction
 Before (PyTorch ops): ln_1, c_attn addmm, [attention], c_proj addmm, residual add, ln_2, c_fc addmm,
 GELU, c_proj addmm, residual add = 9 launches + attention.
 After (every GEMV plan "triton"): ln_1+c_attn+bias, attention (split partials, one launch),
-c_proj+split combine+bias+residual, ln_2+c_fc+bias+GELU, c_proj+bias+residual = 5 launches; per
-step, ln_f + LM head (persistent) is one more launch (and the first layer's ``wte + wpe`` one add). With a "cublas" plan an op costs its
-cuBLAS call plus one LayerNorm launch (ln ops) or plus nothing (residual ops: the add is deferred
-into the next LayerNorm, which becomes an add + LayerNorm launch); see ``fastgpt.backend``.
+c_proj+split combine+bias+residual, ln_2+c_fc+bias+GELU, c_proj+bias+residual = 5 launches (a
+LLaMA layer the same 5: RMSNorm+qkv, attention, o_proj+combine+residual, RMSNorm+gate_up+SwiGLU,
+down+residual; the rotary embedding rides in the attention kernels' ``rope=``); per step, ln_f +
+LM head (persistent) is one more launch (and the first layer's ``wte + wpe`` one add). With a
+"cublas" plan an op costs its cuBLAS call plus one LayerNorm / RMSNorm launch (norm ops; silu_glu
+adds its two element-wise ops) or plus nothing (residual ops: the add is deferred into the next
+norm, which becomes an add + norm launch); see ``fastgpt.backend``.
 """
 
 from __future__ import annotations
@@ -102,15 +131,18 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.reference import GELU_APPROXIMATE, LINEAR_ACTIVATIONS
+import torch.nn.functional as F
+
+from fastgpt.reference import GELU_APPROXIMATE, LINEAR_ACTIVATIONS, NORMS
 
 from .attention_decode import AttentionPartials, _active_splits, combined_attention_tile
-from .layernorm import add_layernorm, as_rows, check_no_partial_overlap, check_rows_disjoint
+from .layernorm import add_layernorm, add_rmsnorm, as_rows, check_no_partial_overlap, check_rows_disjoint
 from .utils import check_tensor, interpreting, note_launch, pdl_enabled, triton_usable_on
 
 __all__ = [
     "GEMV_MAX_M",
     "ACTIVATIONS",
+    "NORM_CODES",
     "GemvConfig",
     "M1_TILES",
     "DOT_TILES",
@@ -122,6 +154,7 @@ __all__ = [
     "candidate_configs",
     "workspace_for",
     "m_bucket",
+    "output_width",
 ]
 
 #: The most rows (B*T) the GEMV kernel takes; larger M is a GEMM (prefill) and goes to cuBLAS.
@@ -130,6 +163,9 @@ GEMV_MAX_M = 16
 #: Activation name -> the kernel's ACTIVATION code: the names of the one table,
 #: :data:`fastgpt.reference.LINEAR_ACTIVATIONS`, in its order (1 gelu_tanh, 2 gelu, 3 silu_glu).
 ACTIVATIONS = {None: 0, **{name: code for code, name in enumerate(LINEAR_ACTIVATIONS, start=1)}}
+#: ``norm=`` name -> the kernels' NORM code (0: no norm, ``ln_weight`` None): the names of
+#: :data:`fastgpt.reference.NORMS` in its order (1 layernorm, 2 rmsnorm).
+NORM_CODES = {name: code for code, name in enumerate(NORMS, start=1)}
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
@@ -182,6 +218,73 @@ def _block_m(M: int) -> int:
 
 
 
+@triton.jit
+def _row_statistics(x_rows, mask_m, K, ln_eps, NORM: tl.constexpr, LN_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(mean, rstd)`` of the ``BLOCK_M`` rows over the whole of K, float32 ``(BM,)`` each.
+
+    NORM 1 (LayerNorm): exact two-pass mean and biased variance. NORM 2 (RMSNorm): one pass,
+    ``rstd = 1 / sqrt(mean(x^2) + eps)`` and ``mean`` is 0 (unused). ``LN_ROW > 0``: the rows in one
+    ``(BM, LN_ROW)`` load (M == 1, K <= LN_ROW_MAX); else BLOCK_K chunks whose sums accumulate
+    lane-wise and are reduced across threads once per pass (the re-reads hit L1).
+    """
+    if LN_ROW > 0:
+        offs_r = tl.arange(0, LN_ROW)
+        mask_r = offs_r < K
+        xr = tl.load(x_rows + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        xr = xr.to(tl.float32)  # (BM, LN_ROW)
+        if NORM == 1:
+            mean = tl.sum(xr, axis=1) / K  # (BM,)
+            d = tl.where(mask_r[None, :], xr - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + ln_eps)  # (BM,)
+        else:
+            mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=1) / K + ln_eps)  # masked lanes are 0
+    else:
+        offs_kb = tl.arange(0, BLOCK_K)
+        if NORM == 1:
+            total = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + offs_kb
+                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+                total += xt.to(tl.float32)
+            mean = tl.sum(total, axis=1) / K  # (BM,)
+            sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):  # these re-reads hit L1
+                offs_k = k0 + offs_kb
+                mask_k = offs_k < K
+                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                d = tl.where(mask_k[None, :], xt.to(tl.float32) - mean[:, None], 0.0)
+                sq += d * d
+            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=1) / K + ln_eps)  # (BM,)
+        else:
+            mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + offs_kb
+                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+                xt = xt.to(tl.float32)
+                sq += xt * xt
+            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=1) / K + ln_eps)  # (BM,)
+    return mean, rstd
+
+
+@triton.jit
+def _normalise(xt, mean, rstd, ln_w_ptr, ln_b_ptr, offs_k, mask_k, NORM: tl.constexpr):
+    """A ``(BM, BK)`` chunk of x normalised, rounded to x's dtype as a stored norm output would be.
+
+    NORM 1: ``(x - mean) * rstd * g + b``. NORM 2, Hugging Face's ``LlamaRMSNorm``: ``x * rstd``
+    rounded to the dtype, then times ``g`` (and rounded again: the product of two dtype tensors).
+    Masked K lanes get ``g = b = 0`` and stay 0.
+    """
+    g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    if NORM == 1:
+        b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xn = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
+    else:
+        xn = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype).to(tl.float32) * g[None, :]
+    return xn.to(xt.dtype)
+
+
 @triton.jit(do_not_specialize=["count_slot", "attn_heads", "attn_max_len", "attn_chunk", "attn_n_split"])
 def _gemv_kernel(
     x_ptr,
@@ -213,10 +316,10 @@ def _gemv_kernel(
     k_per_split,
     ln_eps,
     HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,  # 0 none, 1 gelu_tanh, 2 gelu (erf)
+    ACTIVATION: tl.constexpr,  # 0 none, 1 gelu_tanh, 2 gelu (erf), 3 silu_glu (output N/2 columns)
     HAS_RESIDUAL: tl.constexpr,
-    HAS_LN: tl.constexpr,
-    LN_ROW: tl.constexpr,  # > 0: LayerNorm statistics from one (BLOCK_M, LN_ROW) load of the rows
+    NORM: tl.constexpr,  # 0 none, 1 LayerNorm, 2 RMSNorm (the prologue on x)
+    LN_ROW: tl.constexpr,  # > 0: norm statistics from one (BLOCK_M, LN_ROW) load of the rows
     USE_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -226,6 +329,9 @@ def _gemv_kernel(
     ATTN_HEAD_DIM: tl.constexpr,  # > 0: x is the attention output, combined here from its partials
     USE_PDL: tl.constexpr,  # programmatic dependent launch: weights before gdc_wait, the rest after
 ):
+    # silu_glu: the BLOCK_N weight rows of a tile are BLOCK_N/2 (gate, up) pairs -> BLOCK_N/2 outputs.
+    OUT_N: tl.constexpr = BLOCK_N // 2 if ACTIVATION == 3 else BLOCK_N
+    n_out = N // 2 if ACTIVATION == 3 else N
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)  # (BM,)
@@ -233,6 +339,8 @@ def _gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     mask_n = offs_n < N
     mask_mn = mask_m[:, None] & mask_n[None, :]
+    offs_o = pid_n * OUT_N + tl.arange(0, OUT_N)  # (ON,): the output columns (= offs_n without GLU)
+    mask_mo = mask_m[:, None] & (offs_o < n_out)[None, :]
     offs_kb = tl.arange(0, BLOCK_K)  # (BK,)
     # Row base pointers; int64 so that row * stride never wraps (the LM head is 50257 x 1600).
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # (BM, 1)
@@ -260,37 +368,13 @@ def _gemv_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     res = 0.0
     if HAS_RESIDUAL:
-        res = tl.load(res_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :], mask=mask_mn, other=0.0)
+        res = tl.load(res_ptr + offs_m64[:, None] * stride_rm + offs_o[None, :], mask=mask_mo, other=0.0)
     if ATTN_HEAD_DIM > 0:
         n_active, pos_ok = _active_splits(tl.load(attn_pos_ptr), attn_max_len, attn_chunk, attn_n_split)
 
-    if HAS_LN:
-        # Row statistics over the whole of K (every split needs them), exact two-pass maths.
-        if LN_ROW > 0:
-            # The whole row block in one load (M == 1, K <= 4096).
-            offs_r = tl.arange(0, LN_ROW)
-            mask_r = offs_r < K
-            xr = tl.load(x_rows + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            xr = xr.to(tl.float32)  # (BM, LN_ROW)
-            mean = tl.sum(xr, axis=1) / K  # (BM,)
-            d = tl.where(mask_r[None, :], xr - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + ln_eps)  # (BM,)
-        else:
-            # Chunked; the sums accumulate lane-wise and are reduced across threads once per pass.
-            total = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + offs_kb
-                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-                total += xt.to(tl.float32)
-            mean = tl.sum(total, axis=1) / K  # (BM,)
-            sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):  # these re-reads hit L1
-                offs_k = k0 + offs_kb
-                mask_k = offs_k < K
-                xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                d = tl.where(mask_k[None, :], xt.to(tl.float32) - mean[:, None], 0.0)
-                sq += d * d
-            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=1) / K + ln_eps)  # (BM,)
+    if NORM > 0:
+        # Row statistics over the whole of K (every split needs them).
+        mean, rstd = _row_statistics(x_rows, mask_m, K, ln_eps, NORM, LN_ROW, BLOCK_M, BLOCK_K)
 
     if BLOCK_M == 1:
         # acc2 takes w * x element-wise; one cross-thread reduction after the loop. The next
@@ -309,12 +393,8 @@ def _gemv_kernel(
                 ).to(w_ptr.dtype.element_ty)  # (1, BK), rounded as a stored attention output
             else:
                 xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (1, BK)
-            if HAS_LN:
-                g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                # Masked K lanes get g = b = 0 and stay 0; rounded like a stored LayerNorm output.
-                xn = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
-                xt = xn.to(x_ptr.dtype.element_ty)
+            if NORM > 0:
+                xt = _normalise(xt, mean, rstd, ln_w_ptr, ln_b_ptr, offs_k, mask_k, NORM)
             acc2 += w.to(tl.float32) * xt.to(tl.float32)  # (BN, BK) * (1, BK)
         acc = tl.sum(acc2, axis=1)[None, :]  # (1, BN)
     else:
@@ -329,11 +409,8 @@ def _gemv_kernel(
                 ).to(w_ptr.dtype.element_ty)  # (BM, BK)
             else:
                 xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BM, BK)
-            if HAS_LN:
-                g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                xn = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
-                xt = xn.to(x_ptr.dtype.element_ty)
+            if NORM > 0:
+                xt = _normalise(xt, mean, rstd, ln_w_ptr, ln_b_ptr, offs_k, mask_k, NORM)
             w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # (BN, BK)
             if UPCAST_DOT:
                 acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -361,16 +438,20 @@ def _gemv_kernel(
         # own row, which the next launch does not use and whose finisher clears here.
         tl.store(count_ptr + count_slot * n_tiles + pid_n, 0, mask=last)
         tl.store(count_ptr + (1 - count_slot) * n_tiles + pid_n, 0, mask=last)
-        mask_out = mask_last
+        mask_out = mask_mo & last
     else:
-        mask_out = mask_mn
+        mask_out = mask_mo
 
-    _store_epilogue(acc, bias, res, out_ptr, offs_m64, offs_n, stride_om, mask_out, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+    _store_epilogue(acc, bias, res, out_ptr, offs_m64, offs_o, stride_om, mask_out, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
 
 
 @triton.jit
-def _store_epilogue(acc, bias, res, out_ptr, offs_m64, offs_n, stride_om, mask_out, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """``out = residual + act(acc + bias)`` for a (BM, BN) float32 tile, rounded once and stored."""
+def _store_epilogue(acc, bias, res, out_ptr, offs_m64, offs_o, stride_om, mask_out, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """``out = residual + act(acc + bias)`` for a (BM, BN) float32 tile, rounded once and stored.
+
+    ``offs_o`` are the output columns: BN of them, or BN/2 with silu_glu, whose (gate, up) column
+    pairs (adjacent: the weight rows are interleaved) become one ``silu(gate) * up`` each.
+    """
     if HAS_BIAS:
         acc += bias[None, :]
     if ACTIVATION == 1:
@@ -379,9 +460,14 @@ def _store_epilogue(acc, bias, res, out_ptr, offs_m64, offs_n, stride_om, mask_o
         acc = acc / (1.0 + tl.exp(-2.0 * u))
     elif ACTIVATION == 2:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        # (BM, BN) -> (BM, BN/2, 2) -> gate (BM, BN/2), up (BM, BN/2); silu(g) = g * sigmoid(g),
+        # written g / (1 + exp(-g)): a very negative gate gives g / inf = -0, not NaN.
+        gate, up = tl.split(tl.reshape(acc, (acc.shape[0], acc.shape[1] // 2, 2)))
+        acc = gate / (1.0 + tl.exp(-gate)) * up
     if HAS_RESIDUAL:
         acc += res.to(tl.float32)
-    tl.store(out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+    tl.store(out_ptr + offs_m64[:, None] * stride_om + offs_o[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit(do_not_specialize=["attn_heads", "attn_max_len", "attn_chunk", "attn_n_split"])
@@ -408,7 +494,7 @@ def _gemv_row_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    HAS_LN: tl.constexpr,
+    NORM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ROW_K: tl.constexpr,  # next_power_of_2(K): the whole row is one chunk
     ATTN_HEAD_DIM: tl.constexpr,
@@ -418,10 +504,12 @@ def _gemv_row_kernel(
 
     Program ``p`` of ``G`` owns column tiles ``p, p + G, p + 2G, ...`` (``G`` = the grid; with
     ``G`` = the tile count each program owns one tile; the LM head runs persistent, ``G`` ~ a few
-    programs per SM). The normalised row (LayerNorm statistics, or the attention combine) is
-    computed once per program and stays in registers; every tile is one ``(BLOCK_N, ROW_K)``
-    weight load, the next tile's issued before the current one is reduced.
+    programs per SM). The normalised row (LayerNorm or RMSNorm statistics, or the attention
+    combine) is computed once per program and stays in registers; every tile is one
+    ``(BLOCK_N, ROW_K)`` weight load, the next tile's issued before the current one is reduced.
     """
+    OUT_N: tl.constexpr = BLOCK_N // 2 if ACTIVATION == 3 else BLOCK_N
+    n_out = N // 2 if ACTIVATION == 3 else N
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     offs_k = tl.arange(0, ROW_K)
@@ -429,6 +517,7 @@ def _gemv_row_kernel(
     offs_m = tl.arange(0, 1)  # (1,): the one row
     mask_m = offs_m < 1
     offs_tile = tl.arange(0, BLOCK_N)
+    offs_otile = tl.arange(0, OUT_N)
     # The first tile's weight: constant data, in flight before the previous kernel has finished.
     offs_n = pid * BLOCK_N + offs_tile
     mask_n = offs_n < N
@@ -446,8 +535,8 @@ def _gemv_row_kernel(
         xr = xr.to(w_ptr.dtype.element_ty).to(tl.float32)  # rounded as a stored attention output
     else:
         xr = tl.load(x_ptr + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)  # (1, ROW_K)
-    if HAS_LN:
-        # Once per program, not once per tile (exact two-pass statistics, as the reference).
+    # Norm statistics once per program, not once per tile (exact, as the reference).
+    if NORM == 1:
         mean = tl.sum(xr, axis=1) / K  # (1,)
         d = tl.where(mask_k[None, :], xr - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + ln_eps)
@@ -455,10 +544,18 @@ def _gemv_row_kernel(
         b = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         # Masked K lanes get g = b = 0 and stay 0; rounded like a stored LayerNorm output.
         xr = (d * rstd[:, None] * g[None, :] + b[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)
+    elif NORM == 2:
+        rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=1) / K + ln_eps)  # (1,); masked lanes are 0
+        g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        # HF LlamaRMSNorm: x * rstd rounded to the dtype, times g, rounded again.
+        xn = (xr * rstd[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32) * g[None, :]
+        xr = xn.to(w_ptr.dtype.element_ty).to(tl.float32)
 
     for tile in range(pid, tl.cdiv(N, BLOCK_N), n_programs):
         offs_n = tile * BLOCK_N + offs_tile
         mask_n = offs_n < N
+        offs_o = tile * OUT_N + offs_otile
+        mask_o = offs_o < n_out
         # Prefetch the next tile of this program (nothing past the last: masked).
         offs_nx = offs_n + n_programs * BLOCK_N
         mask_nx = offs_nx < N
@@ -470,9 +567,9 @@ def _gemv_row_kernel(
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         res = 0.0
         if HAS_RESIDUAL:
-            res = tl.load(res_ptr + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+            res = tl.load(res_ptr + offs_o[None, :], mask=mask_o[None, :], other=0.0)
         acc = tl.sum(w.to(tl.float32) * xr, axis=1)[None, :]  # (1, BN)
-        _store_epilogue(acc, bias, res, out_ptr, offs_m.to(tl.int64), offs_n, 0, mask_n[None, :], HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+        _store_epilogue(acc, bias, res, out_ptr, offs_m.to(tl.int64), offs_o, 0, mask_o[None, :], HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
         w = w_next
 
 
@@ -597,8 +694,19 @@ def m_bucket(M: int) -> int:
 # --------------------------------------------------------------------------------------------
 # The launcher
 # --------------------------------------------------------------------------------------------
-def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps):
-    """Shared validation of the Triton launcher and the cuBLAS path; returns (x_rows, N, K)."""
+def output_width(N: int, activation: str | None) -> int:
+    """The output's columns for a weight of ``N`` rows: ``N / 2`` with ``"silu_glu"`` (one output
+    per (gate, up) row pair), else ``N``."""
+    return N // 2 if activation == "silu_glu" else N
+
+
+def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, norm="layernorm"):
+    """Shared validation of the Triton launcher and the cuBLAS path; returns (x_rows, N, K).
+
+    ``N`` is the weight's rows; the output (and the residual) has :func:`output_width` columns.
+    """
+    if not isinstance(norm, str) or norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(repr(n) for n in NORMS)}, got {norm!r}")
     check_tensor(x, "x", dtypes=_FLOAT_DTYPES, last_dim_contiguous=True)
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a non-empty last dimension (K), got shape {tuple(x.shape)}")
@@ -618,15 +726,25 @@ def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias
     if activation not in ACTIVATIONS:
         allowed = ", ".join(repr(a) for a in ACTIVATIONS)
         raise ValueError(f"activation must be one of {allowed}, got {activation!r}")
+    if activation == "silu_glu" and N % 2:
+        raise ValueError(
+            f"activation='silu_glu' needs an even N (weight rows interleaved as (gate, up) pairs), got N={N}"
+        )
     if residual is not None:
         check_tensor(residual, "residual", dtypes=(dtype,), device=device, last_dim_contiguous=True)
-        expected = (*x.shape[:-1], N)
+        expected = (*x.shape[:-1], output_width(N, activation))
         if tuple(residual.shape) != expected:
-            raise ValueError(f"residual must have shape {expected} (x's rows, N), got {tuple(residual.shape)}")
-    if (ln_weight is None) != (ln_bias is None):
+            what = "x's rows, N/2 with silu_glu" if activation == "silu_glu" else "x's rows, N"
+            raise ValueError(f"residual must have shape {expected} ({what}), got {tuple(residual.shape)}")
+    if norm == "rmsnorm":
+        if ln_bias is not None:
+            raise ValueError("norm='rmsnorm' takes no ln_bias (RMSNorm has a weight only); pass ln_bias=None")
+    elif (ln_weight is None) != (ln_bias is None):
         raise ValueError("ln_weight and ln_bias must be given together (or neither)")
     if ln_weight is not None:
         for t, name in ((ln_weight, "ln_weight"), (ln_bias, "ln_bias")):
+            if t is None:  # RMSNorm's absent bias
+                continue
             check_tensor(t, name, ndim=1, dtypes=(dtype,), device=device)
             if t.shape[0] != K or (K > 1 and t.stride(0) != 1):
                 raise ValueError(f"{name} must be a contiguous ({K},) tensor, got shape {tuple(t.shape)} strides {t.stride()}")
@@ -662,8 +780,8 @@ def _check_attn_partials(partials, x, weight, ln_weight) -> torch.Tensor:
     return rows
 
 
-def _check_out(out, x, N, dtype, device, residual, weight):
-    expected = (*x.shape[:-1], N)
+def _check_out(out, x, N_out, dtype, device, residual, weight):
+    expected = (*x.shape[:-1], N_out)
     if out is None:
         return torch.empty(expected, dtype=dtype, device=device)
     check_tensor(out, "out", dtypes=(dtype,), device=device, last_dim_contiguous=True)
@@ -679,7 +797,7 @@ def _check_out(out, x, N, dtype, device, residual, weight):
     return out
 
 
-def _check_config(config: GemvConfig, M: int) -> None:
+def _check_config(config: GemvConfig, M: int, activation: str | None = None) -> None:
     if not isinstance(config, GemvConfig):
         raise TypeError(f"config must be a GemvConfig, got {type(config).__name__}")
     for name in ("block_n", "block_k"):
@@ -688,6 +806,8 @@ def _check_config(config: GemvConfig, M: int) -> None:
             raise ValueError(f"config.{name} must be a power of two in [1, 4096], got {v!r}")
     if M > 1 and (config.block_n < 16 or config.block_k < 16):
         raise ValueError(f"M={M} > 1 uses tl.dot: config.block_n and config.block_k must be >= 16, got {config}")
+    if activation == "silu_glu" and config.block_n < 2:
+        raise ValueError(f"activation='silu_glu' needs config.block_n >= 2 (whole (gate, up) pairs per tile), got {config}")
     if config.num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"config.num_warps must be one of 1, 2, 4, 8, 16, got {config.num_warps!r}")
     if not isinstance(config.num_stages, int) or not 1 <= config.num_stages <= 8:
@@ -701,7 +821,8 @@ LN_ROW_MAX = 4096
 
 
 def _ln_row(has_ln: bool, M: int, K: int) -> int:
-    """LN_ROW: ``next_power_of_2(K)`` for M == 1 rows up to LN_ROW_MAX, else 0 (chunked passes)."""
+    """LN_ROW: ``next_power_of_2(K)`` for M == 1 rows up to LN_ROW_MAX, else 0 (chunked passes);
+    the same for LayerNorm and RMSNorm statistics."""
     width = triton.next_power_of_2(K)
     return width if has_ln and M == 1 and width <= LN_ROW_MAX else 0
 
@@ -723,38 +844,44 @@ def linear(
     ln_weight: torch.Tensor | None = None,
     ln_bias: torch.Tensor | None = None,
     ln_eps: float = 1e-5,
+    norm: str = "layernorm",
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
     attn_partials: AttentionPartials | None = None,
 ) -> torch.Tensor:
-    """``residual + act(LN(x) @ weight.T + bias)`` for ``M <= GEMV_MAX_M`` rows, one Triton launch.
+    """``residual + act(norm(x) @ weight.T + bias)`` for ``M <= GEMV_MAX_M`` rows, one Triton launch.
 
     Parameters
     ----------
     x : (..., K) float16 / bfloat16 / float32, ``M = prod(leading dims)`` in ``[1, 16]``; its rows
         may be strided (e.g. ``h[:, -1]``) but must be viewable as ``(M, K)``; last dim contiguous.
-    weight : (N, K) in x's dtype, ``nn.Linear`` layout, contiguous along K.
-    bias : (N,) or None.
-    activation : None, ``"gelu_tanh"`` or ``"gelu"``.
-    residual : (..., N) with x's leading shape, or None; may be ``out`` itself (in place).
-    ln_weight, ln_bias : (K,) -- LayerNorm ``x`` first (eps ``ln_eps`` > 0); both or neither.
-    out : (..., N) preallocated output, or None to allocate. Must not overlap x or weight.
+    weight : (N, K) in x's dtype, ``nn.Linear`` layout, contiguous along K. With ``"silu_glu"``
+        N = 2F is even and the rows are interleaved: row ``2j`` is gate ``j``, row ``2j + 1`` up ``j``.
+    bias : (N,) or None (interleaved like the weight's rows with ``"silu_glu"``).
+    activation : None, ``"gelu_tanh"``, ``"gelu"`` or ``"silu_glu"`` (``silu(gate) * up``: the
+        output has ``N_out = N / 2`` columns; ``N_out = N`` otherwise).
+    residual : (..., N_out) with x's leading shape, or None; may be ``out`` itself (in place).
+    ln_weight, ln_bias : (K,) -- normalise ``x`` first (eps ``ln_eps`` > 0): LayerNorm takes both,
+        RMSNorm ``ln_weight`` only (``ln_bias`` None).
+    norm : ``"layernorm"`` (default) or ``"rmsnorm"`` (Hugging Face's ``LlamaRMSNorm``: float32
+        ``x * rsqrt(mean(x^2) + eps)``, rounded to the dtype, times ``ln_weight``).
+    out : (..., N_out) preallocated output, or None to allocate. Must not overlap x or weight.
     config : the tile config, or None for :func:`default_config`.
     attn_partials : the decode attention's partials (``decode_attention(..., combine=False)``),
         with ``x`` None: ``x`` is then the attention output ``(B, 1, H*D)``, combined from the
         splits in the prologue (each program for the K columns it reads; the splits whose chunk
         starts at or before ``cache_pos``, read on the device) and rounded to the weight's dtype,
-        exactly what the combine kernel would have stored. No LayerNorm with it.
+        exactly what the combine kernel would have stored. No norm with it.
 
     Returns
     -------
-    (..., N) tensor in x's dtype (``out`` when given).
+    (..., N_out) tensor in x's dtype (``out`` when given).
 
     CUDA-graph capturable once the same call ran eagerly (compile, split-K workspace).
     """
     if attn_partials is not None:
         x = _check_attn_partials(attn_partials, x, weight, ln_weight)
-    x_rows, N, K = _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps)
+    x_rows, N, K = _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, norm)
     dtype, device = x.dtype, x.device
     if not triton_usable_on(device):
         raise ValueError(
@@ -767,15 +894,18 @@ def linear(
             f"x has M={M} rows (the product of its leading dims); the GEMV kernel takes 1 <= M <= {GEMV_MAX_M}. "
             "Use cublas_linear (or linear_plan.plan()) for larger M"
         )
-    out = _check_out(out, x, N, dtype, device, residual, weight)
+    out = _check_out(out, x, output_width(N, activation), dtype, device, residual, weight)
     if config is None:
         config = default_config(M, N, K, device)
-    _check_config(config, M)
+    _check_config(config, M, activation)
     out_rows = as_rows(out, "out")
     res_rows = as_rows(residual, "residual") if residual is not None else out_rows
     has_ln = ln_weight is not None
+    norm_code = NORM_CODES[norm] if has_ln else 0
     if not has_ln:
-        ln_weight = ln_bias = out_rows  # unused (HAS_LN=False)
+        ln_weight = out_rows  # unused (NORM=0)
+    if ln_bias is None:
+        ln_bias = out_rows  # unused (NORM 0 or 2)
     if attn_partials is not None:
         ap = attn_partials
         attn_args = (ap.o, ap.m, ap.l, ap.cache_pos, ap.n_head, ap.max_len, ap.chunk, ap.n_split)
@@ -790,13 +920,13 @@ def linear(
             x_rows, weight, bias if bias is not None else out_rows, res_rows, out_rows,
             ln_weight, ln_bias, *attn_args, N, K, weight.stride(0), float(ln_eps),
             HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_RESIDUAL=residual is not None,
-            HAS_LN=has_ln, BLOCK_N=config.block_n, ROW_K=triton.next_power_of_2(K),
+            NORM=norm_code, BLOCK_N=config.block_n, ROW_K=triton.next_power_of_2(K),
             ATTN_HEAD_DIM=attn_head_dim, USE_PDL=use_pdl, launch_pdl=use_pdl,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
         note_launch(
             "linear", "triton", kernel="row", config=config, n_split=1, persistent=n_programs < n_tiles,
-            attn_combine=attn_partials is not None, pdl=use_pdl,
+            attn_combine=attn_partials is not None, pdl=use_pdl, norm=norm if has_ln else None, activation=activation,
         )  # fmt: skip
         return out
 
@@ -818,13 +948,16 @@ def linear(
         M, N, K, x_rows.stride(0), weight.stride(0), res_rows.stride(0), out_rows.stride(0),
         n_split, k_per_split, float(ln_eps),
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_RESIDUAL=residual is not None,
-        HAS_LN=has_ln, LN_ROW=_ln_row(has_ln, M, K), USE_SPLIT=n_split > 1,
+        NORM=norm_code, LN_ROW=_ln_row(has_ln, M, K), USE_SPLIT=n_split > 1,
         BLOCK_M=_block_m(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot,
         ATTN_HEAD_DIM=attn_head_dim, USE_PDL=use_pdl, launch_pdl=use_pdl,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    note_launch("linear", "triton", kernel="k_loop", config=config, n_split=n_split, attn_combine=attn_partials is not None, pdl=use_pdl)
+    note_launch(
+        "linear", "triton", kernel="k_loop", config=config, n_split=n_split, attn_combine=attn_partials is not None, pdl=use_pdl,
+        norm=norm if has_ln else None, activation=activation,
+    )  # fmt: skip
     return out
 
 
@@ -841,29 +974,40 @@ def cublas_linear(
     ln_weight: torch.Tensor | None = None,
     ln_bias: torch.Tensor | None = None,
     ln_eps: float = 1e-5,
+    norm: str = "layernorm",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same op as :func:`linear` for any M, as cuBLAS plus small kernels.
 
-    LayerNorm: one :func:`kernels.layernorm.add_layernorm` launch (Triton); the product with its
-    bias: ``torch.addmm`` / ``torch.mm`` (cuBLAS on the GPU) into ``out``; then the GELU and the
-    residual add in place on ``out``. Used for prefill (M > 16) and where the measurement finds
-    cuBLAS faster.
+    The norm: one :func:`kernels.layernorm.add_layernorm` / :func:`~kernels.layernorm.add_rmsnorm`
+    launch (Triton); the product with its bias: ``torch.addmm`` / ``torch.mm`` (cuBLAS on the GPU)
+    into ``out``; then the GELU and the residual add in place on ``out``. ``"silu_glu"``: the
+    product goes to a ``(M, N)`` temporary and ``silu(gate) * up``
+    (:func:`fastgpt.reference.activate`'s two ops) is written into ``out``. Used for prefill
+    (M > 16) and where the measurement finds cuBLAS faster.
     """
-    x_rows, N, K = _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps)
-    out = _check_out(out, x, N, x.dtype, x.device, residual, weight)
+    x_rows, N, K = _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, norm)
+    out = _check_out(out, x, output_width(N, activation), x.dtype, x.device, residual, weight)
     if residual is not None and residual.data_ptr() == out.data_ptr():
         raise ValueError("cublas_linear writes out before it adds the residual: out must not be the residual")
     if ln_weight is not None:
-        x_rows = as_rows(add_layernorm(x_rows, ln_weight, ln_bias, ln_eps)[0], "x")
+        if norm == "rmsnorm":
+            x_rows = as_rows(add_rmsnorm(x_rows, ln_weight, ln_eps)[0], "x")
+        else:
+            x_rows = as_rows(add_layernorm(x_rows, ln_weight, ln_bias, ln_eps)[0], "x")
     out_rows = as_rows(out, "out")
+    glu = activation == "silu_glu"
+    y = torch.empty((x_rows.shape[0], N), dtype=x.dtype, device=x.device) if glu else out_rows
     if bias is not None:
-        torch.addmm(bias, x_rows, weight.t(), out=out_rows)
+        torch.addmm(bias, x_rows, weight.t(), out=y)
     else:
-        torch.mm(x_rows, weight.t(), out=out_rows)
-    if activation is not None:
+        torch.mm(x_rows, weight.t(), out=y)
+    if glu:
+        pairs = y.unflatten(-1, (N // 2, 2))  # (M, N) -> (M, N/2, 2): (gate, up) per output column
+        torch.mul(F.silu(pairs[..., 0]), pairs[..., 1], out=out_rows)  # = reference.activate
+    elif activation is not None:
         torch.ops.aten.gelu_(out_rows, approximate=GELU_APPROXIMATE[activation])
     if residual is not None:
         out_rows.add_(as_rows(residual, "residual"))
-    note_launch("linear", "cublas", layernorm=ln_weight is not None)
+    note_launch("linear", "cublas", layernorm=ln_weight is not None, norm=norm if ln_weight is not None else None)
     return out

@@ -3,10 +3,13 @@
 Per-shape choice (:func:`plan`)
 -------------------------------
 ``plan(...)`` returns a :class:`LinearPlan`: ``"triton"`` (the GEMV of :mod:`fastgpt.kernels.linear`, with a tile config) or
-``"cublas"`` (:func:`fastgpt.kernels.linear.cublas_linear`: ``F.linear``/``addmm`` with the LayerNorm as one
-:func:`kernels.layernorm.add_layernorm` launch before it and the activation / residual as torch
-ops after it). Plans are cached per ``(device, dtype, N, K, M bucket, epilogue)`` with M buckets
-1, 2, 4, 8, 16:
+``"cublas"`` (:func:`fastgpt.kernels.linear.cublas_linear`: ``F.linear``/``addmm`` with the LayerNorm or
+RMSNorm as one :func:`kernels.layernorm.add_layernorm` / ``add_rmsnorm`` launch before it and the
+activation / residual as torch ops after it). Plans are cached per ``(device, dtype, N, K, M
+bucket, prologue, epilogue)`` with M buckets 1, 2, 4, 8, 16; the prologue is the norm (none,
+``"layernorm"`` or ``"rmsnorm"``), the epilogue bias / activation (``"silu_glu"`` included: the
+SwiGLU gate_up op, whose output has N/2 columns) / residual. The measurement times exactly the
+op the caller will run (same norm, same activation, same output width).
 
 * ``M > GEMV_MAX_M`` (prefill): always cuBLAS (compute-bound, cuBLAS is the right tool).
 * CPU (the Triton interpreter): the GEMV with the default config, so the tests exercise it.
@@ -37,9 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .linear import GEMV_MAX_M, GemvConfig, candidate_configs, cublas_linear, default_config, linear, m_bucket
+from .linear import GEMV_MAX_M, GemvConfig, candidate_configs, cublas_linear, default_config, linear, m_bucket, output_width
 
-__all__ = ["LinearPlan", "plan", "plans", "clear_plans"]
+__all__ = ["LinearPlan", "plan", "plan_key", "plans", "clear_plans"]
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,13 @@ def plan(
     ln_weight: torch.Tensor | None = None,
     ln_bias: torch.Tensor | None = None,
     ln_eps: float = 1e-5,
+    norm: str = "layernorm",
 ) -> LinearPlan:
     """The implementation this op should use, measured once per key on CUDA (see the module doc).
 
-    The arguments are those of the call about to be made (the measurement runs on them; nothing is
-    written to them).
+    The arguments are those of the call about to be made, with :func:`kernels.linear.linear`'s
+    meaning (``norm="rmsnorm"`` with ``ln_bias`` None; ``activation="silu_glu"`` with a
+    row-interleaved ``(2F, K)`` weight); the measurement runs on them; nothing is written to them.
     """
     M = x.numel() // max(1, x.shape[-1])
     N, K = weight.shape
@@ -90,10 +95,7 @@ def plan(
     if forced == "triton" or x.device.type != "cuda":
         reason = "FASTGPT_LINEAR=triton" if forced == "triton" else "interpreter: default config"
         return LinearPlan("triton", default_config(M, N, K, x.device), reason)
-    key = (
-        x.device, x.dtype, N, K, m_bucket(M),
-        bias is not None, activation, residual is not None, ln_weight is not None,
-    )  # fmt: skip
+    key = plan_key(x, weight, bias, activation=activation, residual=residual, ln_weight=ln_weight, norm=norm)
     found = _PLANS.get(key)
     if found is not None:
         return found
@@ -107,13 +109,24 @@ def plan(
             )
             _warned_capture = True
         return LinearPlan("cublas", None, "unmeasured during capture")
-    found = _measure(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, exhaustive=forced == "tune")
+    found = _measure(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, exhaustive=forced == "tune", norm=norm)
     _PLANS[key] = found
     return found
 
 
+def plan_key(x, weight, bias=None, *, activation=None, residual=None, ln_weight=None, norm="layernorm") -> tuple:
+    """The cache key of a plan: ``(device, dtype, N, K, m_bucket, bias, activation, residual, norm)``,
+    ``norm`` None without ``ln_weight`` (then ``norm=`` changes nothing)."""
+    M = x.numel() // max(1, x.shape[-1])
+    N, K = weight.shape
+    return (
+        x.device, x.dtype, N, K, m_bucket(M),
+        bias is not None, activation, residual is not None, norm if ln_weight is not None else None,
+    )  # fmt: skip
+
+
 def plans() -> dict[tuple, LinearPlan]:
-    """Every measured plan: ``{(device, dtype, N, K, m_bucket, bias, activation, residual, ln): plan}``."""
+    """Every measured plan: ``{plan_key(...): plan}`` (:func:`plan_key`)."""
     return dict(_PLANS)
 
 
@@ -129,13 +142,13 @@ _SELF_CHECK_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 4e-
 _MEASURE_REPS = 15
 
 
-def _measure(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, *, exhaustive=False) -> LinearPlan:
+def _measure(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, *, exhaustive=False, norm="layernorm") -> LinearPlan:
     """Time cuBLAS against every candidate config on these tensors; check them against each other."""
     device = x.device
     M = x.numel() // x.shape[-1]
     N, K = weight.shape
-    kwargs = dict(activation=activation, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps)
-    shape = (*x.shape[:-1], N)
+    kwargs = dict(activation=activation, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps, norm=norm)
+    shape = (*x.shape[:-1], output_width(N, activation))
     ref = torch.empty(shape, dtype=x.dtype, device=device)
     cublas_linear(x, weight, bias, out=ref, **kwargs)
     candidates = {"cublas": lambda o: cublas_linear(x, weight, bias, out=o, **kwargs)}

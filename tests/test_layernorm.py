@@ -1,4 +1,5 @@
-"""add + LayerNorm (kernels/layernorm.py) against fastgpt.reference.add_layernorm in float64.
+"""add + LayerNorm and add + RMSNorm (kernels/layernorm.py) against fastgpt.reference's
+add_layernorm / add_rmsnorm in float64.
 
 Outputs are poisoned with NaN before each launch. The residual sum ``s`` must equal PyTorch's
 ``x + residual`` bit for bit (both round the float32 sum to the dtype once); the Triton 3.6
@@ -17,6 +18,7 @@ import torch
 
 from fastgpt import reference
 from fastgpt.kernels import layernorm as LN
+from fastgpt.kernels.utils import launch_record
 from tests.kernel_helpers import LaunchCounter, run_compile_workers, spill_bytes
 from fastgpt.kernels.utils import H100_SHARED_MEMORY_BYTES
 
@@ -177,6 +179,72 @@ def test_residual_on_another_device_is_refused():
 
 
 # --------------------------------------------------------------------------------------------
+# add + RMSNorm (the LLaMA family; same kernel, RMS=True)
+# --------------------------------------------------------------------------------------------
+def check_rms_h(h, s, w, eps, dtype, what=""):
+    """``h`` against the float64 RMSNorm of the kernel's own ``s``."""
+    ref, _ = reference.add_rmsnorm(s.double(), w.double(), eps)
+    assert torch.isfinite(h).all(), f"{what}: unwritten (NaN) outputs"
+    err = (h.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= TOL[dtype] * max(scale, 1e-3), f"{what}: max error {err:.3g}, max |ref| {scale:.3g}"
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["rms", "add+rms"])
+@pytest.mark.parametrize("shape", [(1, 576), (3, 77), (2, 2, 64)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rmsnorm_matches_float64_reference(dtype, shape, residual, ln_launches):
+    x, r, w, _ = make(shape, dtype)
+    out, s_out = nan_like(x), nan_like(x)
+    if residual:
+        h, s = LN.add_rmsnorm(x, w, 1e-6, r, out=out, residual_out=s_out)  # residual by position
+        assert s is s_out
+        check_sum(s, x, r, dtype)
+    else:
+        h, s = LN.add_rmsnorm(x, w, 1e-6, out=out)
+        assert s is x
+    assert h is out and ln_launches.launches == 1
+    check_rms_h(h, s, w, 1e-6, dtype, f"{dtype} {shape}")
+
+
+def test_add_rmsnorm_defaults_strided_rows_in_place():
+    """Allocated outputs, the default eps (1e-6, as LlamaRMSNorm), strided rows, s in place into x."""
+    B, T, C = 3, 4, 48
+    base, r, w, _ = make((B, T, C), torch.float32)
+    x = base[:, -1]  # (B, C), row stride T*C
+    x_before = x.clone()
+    h, s = LN.add_rmsnorm(x, w, residual=r[:, 0], residual_out=x)
+    assert s.data_ptr() == x.data_ptr() and h.shape == (B, C)
+    assert torch.equal(base[:, -1], x_before + r[:, 0])
+    check_rms_h(h, s, w, 1e-6, torch.float32, "strided, in place")
+    assert launch_record()["layernorm"]["norm"] == "rmsnorm"
+
+
+def _bad_rms_calls():
+    x, w = torch.randn(4, 8), torch.ones(8)
+    cases = [
+        (dict(weight=torch.ones(7)), ValueError, "weight must be a contiguous \\(8,\\)"),
+        (dict(weight=w.half()), TypeError, "weight must have dtype"),
+        (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
+        (dict(residual=torch.randn(4, 9)), ValueError, "residual must have x's shape"),
+        (dict(residual_out=torch.empty(4, 8)), ValueError, "only written when residual is given"),
+        (dict(out=torch.empty(4, 7)), ValueError, "out must have x's shape"),
+        (dict(x=torch.randn(2, LN.MAX_C + 1), weight=torch.ones(LN.MAX_C + 1)), ValueError, "add_rmsnorm supports 1 <= C"),
+        (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    ]
+    base = dict(x=x, weight=w)
+    return [pytest.param(dict(base, **over), exc, msg, id=msg[:40]) for over, exc, msg in cases]
+
+
+@pytest.mark.parametrize("kwargs, exc, message", _bad_rms_calls())
+def test_add_rmsnorm_bad_inputs_raise_before_launch(kwargs, exc, message, ln_launches):
+    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    with pytest.raises(exc, match=message):
+        LN.add_rmsnorm(**kwargs)
+    assert ln_launches.launches == 0
+
+
+# --------------------------------------------------------------------------------------------
 # sm_90 compile check (subprocess without TRITON_INTERPRET)
 # --------------------------------------------------------------------------------------------
 def _compile_worker() -> None:
@@ -184,24 +252,27 @@ def _compile_worker() -> None:
 
     kernel = LN._add_layernorm_kernel
     results = []
-    for dt, block_c, residual in json.loads(sys.stdin.read()):
-        constexprs = dict(HAS_RESIDUAL=residual, BLOCK_C=block_c, USE_PDL=True)
+    for dt, block_c, residual, rms in json.loads(sys.stdin.read()):
+        constexprs = dict(HAS_RESIDUAL=residual, BLOCK_C=block_c, USE_PDL=True, RMS=rms)
         signature = {
             n: ("constexpr" if n in constexprs else "*" + dt if n.endswith("_ptr") else "fp32" if n == "eps" else "i32")
             for n in kernel.arg_names
         }
         compiled = compile_for_hopper(kernel, signature, constexprs, LN.layernorm_num_warps(block_c), 1)
         ptx = compiled.asm["ptx"]
-        results.append(dict(spec=[dt, block_c, residual], shared=compiled.metadata.shared,
+        results.append(dict(spec=[dt, block_c, residual, rms], shared=compiled.metadata.shared,
                             spills=spill_bytes(compiled.asm["cubin"]),
                             pdl=["griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx]))
     print(json.dumps(results))
 
 
 def test_kernel_compiles_for_sm90():
-    """GPT-2's widths (1024 and 2048 slots), the smallest and the largest row, each dtype."""
-    specs = [["fp16", 1024, True], ["bf16", 2048, True], ["fp32", 64, False], ["fp32", LN.MAX_C, True]]
-    results = run_compile_workers("test_layernorm", specs, n_workers=1)
+    """GPT-2's widths (1024 and 2048 slots), the smallest and the largest row, each dtype; RMSNorm
+    at the LLaMA family's widths (576 ... 4096 features: 1024 ... 4096 slots) and the largest row."""
+    specs = [["fp16", 1024, True, False], ["bf16", 2048, True, False], ["fp32", 64, False, False], ["fp32", LN.MAX_C, True, False]]
+    specs += [["bf16", 1024, True, True], ["fp16", 2048, False, True], ["bf16", 4096, True, True], ["fp32", LN.MAX_C, True, True]]
+    results = run_compile_workers("test_layernorm", specs, n_workers=2)
+    results.sort(key=lambda r: specs.index(r["spec"]))
     assert [r["spec"] for r in results] == specs
     for r in results:
         assert r["shared"] <= H100_SHARED_MEMORY_BYTES, r
@@ -225,3 +296,16 @@ def test_gpt2_widths_cuda(dtype, C, M):
     check_h(h, s, w, b, 1e-5, dtype, f"{dtype} C={C} M={M}")
     h2, _ = LN.add_layernorm(x, w, b, 1e-5, out=nan_like(x))
     check_h(h2, x, w, b, 1e-5, dtype, f"{dtype} C={C} M={M}, no residual")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 64, 1000])
+@pytest.mark.parametrize("C", [576, 896, 2048, 4096])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rmsnorm_llama_widths_cuda(dtype, C, M):
+    x, r, w, _ = make((M, C), dtype)
+    out, s_out = nan_like(x), nan_like(x)
+    h, s = LN.add_rmsnorm(x, w, 1e-6, residual=r, out=out, residual_out=s_out)
+    torch.cuda.synchronize()
+    assert torch.equal(s, x + r)
+    check_rms_h(h, s, w, 1e-6, dtype, f"{dtype} C={C} M={M}")

@@ -1,4 +1,5 @@
-"""The fused GEMV (kernels/linear.py), its per-shape plan, and the model wired through it.
+"""The fused GEMV (kernels/linear.py) -- LayerNorm / RMSNorm prologue, GELU / SwiGLU (silu_glu)
+and residual epilogues -- its per-shape plan, and the model wired through it.
 
 Kernel results are compared with :func:`fastgpt.reference.linear` evaluated in float64 on fresh
 random inputs, outputs (and split-K partials) poisoned with NaN before each launch. On the CPU the
@@ -53,8 +54,11 @@ def gemv_launches(monkeypatch):
     return _GemvLaunches(monkeypatch)
 
 
-def make_inputs(M, N, K, dtype, *, bias=True, residual=True, ln=True, lead=None, device=DEVICE, seed=None):
-    """Random operands of a linear op; ``lead`` replaces ``(M,)`` as x's leading shape."""
+def make_inputs(M, N, K, dtype, *, bias=True, residual=True, ln=True, lead=None, device=DEVICE, seed=None, norm="layernorm", glu=False):
+    """Random operands of a linear op; ``lead`` replaces ``(M,)`` as x's leading shape.
+
+    ``norm="rmsnorm"``: no ``ln_bias``. ``glu``: the residual has the silu_glu output's N/2 columns.
+    """
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     lead = (M,) if lead is None else lead
 
@@ -65,17 +69,17 @@ def make_inputs(M, N, K, dtype, *, bias=True, residual=True, ln=True, lead=None,
         x=rnd(*lead, K, scale=2.0, shift=0.5),  # a non-zero mean, as residual streams have
         weight=rnd(N, K, scale=K**-0.5),
         bias=rnd(N, scale=0.5) if bias else None,
-        residual=rnd(*lead, N) if residual else None,
+        residual=rnd(*lead, N // 2 if glu else N) if residual else None,
         ln_weight=rnd(K, scale=0.2, shift=1.0) if ln else None,
-        ln_bias=rnd(K, scale=0.2) if ln else None,
+        ln_bias=rnd(K, scale=0.2) if ln and norm == "layernorm" else None,
     )
 
 
-def reference64(inp, activation, ln_eps=1e-5):
+def reference64(inp, activation, ln_eps=1e-5, norm="layernorm"):
     d = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
     return reference.linear(
         d["x"], d["weight"], d["bias"], activation=activation, residual=d["residual"],
-        ln_weight=d["ln_weight"], ln_bias=d["ln_bias"], ln_eps=ln_eps,
+        ln_weight=d["ln_weight"], ln_bias=d["ln_bias"], ln_eps=ln_eps, norm=norm,
     )  # fmt: skip
 
 
@@ -91,11 +95,11 @@ def poisoned(shape, dtype, device=DEVICE):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def run_gemv(inp, activation, config=None, out=None):
-    N = inp["weight"].shape[0]
+def run_gemv(inp, activation, config=None, out=None, **kwargs):
+    N = KL.output_width(inp["weight"].shape[0], activation)
     if out is None:
         out = poisoned((*inp["x"].shape[:-1], N), inp["x"].dtype, inp["x"].device)
-    return KL.linear(**inp, activation=activation, out=out, config=config)
+    return KL.linear(**inp, activation=activation, out=out, config=config, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,6 +356,27 @@ def test_persistent_grid_and_the_k_loop_beyond_row_k_max():
     assert not KL.uses_row_kernel(2, 768, KL.default_config(2, 768, 768, DEVICE))
 
 
+def test_llama_shapes_default_configs():
+    """The configs the LLaMA shapes get without a measurement: the whole-row kernel for hidden sizes
+    up to ROW_K_MAX (4 rows per tile at 576 / 896, 2 at 1536 / 2048: a silu_glu tile holds whole
+    pairs), the K-loop for 3072 / 4096 and the down projections (K = F up to 14336), and every
+    candidate's block_n even (tiles never split a (gate, up) pair)."""
+    for K, block_n in ((576, 4), (896, 4), (1536, 2), (2048, 2)):
+        cfg = KL.default_config(1, 2 * 8192, K, DEVICE)
+        assert cfg == KL.row_config(K) and cfg.block_n == block_n and KL.uses_row_kernel(1, K, cfg)
+    for K in (3072, 4096, 4864, 8192, 14336):
+        assert not KL.uses_row_kernel(1, K, KL.default_config(1, 2048, K, DEVICE))
+    # The LM heads at M == 1: persistent whole-row launches on a 132-SM GPU.
+    for N, K in ((128256, 2048), (151936, 896), (49152, 576)):
+        cfg = KL.row_config(K)
+        n_tiles = -(-N // cfg.block_n)
+        assert n_tiles > KL.PERSISTENT_MIN_TILES_PER_SM * 132, "persistent on an H100 / H200"
+    for M in (1, 8):
+        for K in LLAMA_HIDDEN:
+            for cfg in KL.candidate_configs(M, 2 * 4 * K, K, DEVICE, exhaustive=True):
+                assert cfg.block_n >= 2 and cfg.block_n % 2 == 0, cfg
+
+
 def test_whole_row_kernel_combines_attention_partials(gemv_launches):
     partials, ref_attn = attention_step(1, 2, 64, 100, 64, 7, torch.float32, False, seed=11)
     inp = make_inputs(1, 40, 128, torch.float32, ln=False, lead=(1, 1), seed=4)
@@ -359,6 +384,123 @@ def test_whole_row_kernel_combines_attention_partials(gemv_launches):
     out = KL.linear(None, **inp, out=poisoned((1, 1, 40), torch.float32), attn_partials=partials)
     assert gemv_launches.row.launches == 1 and launch_record()["linear"]["attn_combine"]
     assert_close(out, reference_out_projection(ref_attn, inp), torch.float32, "whole-row + combine")
+
+
+# --------------------------------------------------------------------------------------------
+# the LLaMA family: RMSNorm prologue, SwiGLU (silu_glu) epilogue
+# --------------------------------------------------------------------------------------------
+_ROW = None  # the default config: the whole-row kernel at M == 1 and K <= ROW_K_MAX
+_SPLIT3 = KL.GemvConfig(16, 64, 4, 1, 3)  # K-loop, 3 splits for K in (128, 192]
+_SPLIT4 = KL.GemvConfig(16, 64, 4, 1, 4)
+
+# (M, N, K, activation, bias, residual, config, kernel): the whole-row kernel (K = 576 -> one
+# 1024-wide row; N = 40 -> 10 tiles of 4 rows: persistent on the interpreter's single "SM"), the
+# M = 1 K loop with and without split-K, the tl.dot path (M in {2, 5}) with and without split-K.
+LLAMA_CASES = [
+    (1, 40, 576, "silu_glu", False, True, _ROW, "row"),  # SmolLM2's width, gate_up + residual
+    (1, 40, 576, None, False, False, _ROW, "row"),  # q/k/v or the LM head: RMSNorm only
+    (1, 36, 200, "silu_glu", True, True, _SPLIT3, "k_loop"),  # split-K: the finisher applies it
+    (1, 40, 200, None, True, True, KL.GemvConfig(16, 64, 4, 1, 1), "k_loop"),  # LN_ROW statistics
+    (2, 48, 200, "silu_glu", True, False, None, "k_loop"),
+    (5, 40, 200, "silu_glu", False, True, _SPLIT4, "k_loop"),
+    (5, 24, 576, None, True, True, _SPLIT3, "k_loop"),  # chunked statistics, split-K
+]
+
+
+@pytest.mark.parametrize("M, N, K, activation, bias, residual, config, kernel", LLAMA_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rmsnorm_prologue_and_silu_glu_epilogue(M, N, K, activation, bias, residual, config, kernel, dtype, gemv_launches):
+    glu = activation == "silu_glu"
+    inp = make_inputs(M, N, K, dtype, bias=bias, residual=residual, norm="rmsnorm", glu=glu, seed=N * K + M)
+    if config is not None:  # the split-K partials must all be written by this launch
+        partials, counters = KL.workspace_for(M, N, config, K, DEVICE)
+        partials.fill_(float("nan"))
+    out = run_gemv(inp, activation, config, norm="rmsnorm", ln_eps=1e-6)
+    assert out.shape == (M, N // 2 if glu else N)
+    assert gemv_launches.launches == 1
+    record = launch_record()["linear"]
+    assert record["kernel"] == kernel and record["norm"] == "rmsnorm" and record["activation"] == activation
+    assert_close(out, reference64(inp, activation, ln_eps=1e-6, norm="rmsnorm"), dtype, f"M={M} N={N} K={K} {activation} {config}")
+    if config is not None and config.split_k > 1:
+        assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("M, config", [(1, None), (1, _SPLIT3), (3, None)], ids=str)
+def test_silu_glu_without_norm_and_with_layernorm(M, config):
+    """silu_glu is independent of the prologue: no norm (bias + residual) and LayerNorm."""
+    for ln in (False, True):
+        inp = make_inputs(M, 34, 150, torch.float16, ln=ln, glu=True, seed=M + ln)
+        out = run_gemv(inp, "silu_glu", config)
+        assert_close(out, reference64(inp, "silu_glu"), torch.float16, f"M={M} ln={ln} {config}")
+
+
+def test_silu_glu_in_place_residual_and_leading_dims():
+    """(B, T, K) rows (M = B*T), the output written into the residual itself (x = x + mlp(x))."""
+    inp = make_inputs(6, 32, 64, torch.float32, norm="rmsnorm", glu=True, lead=(2, 3), seed=7)
+    expected = reference64(inp, "silu_glu", norm="rmsnorm")
+    resid = inp["residual"]
+    got = KL.linear(**inp, activation="silu_glu", norm="rmsnorm", out=resid)
+    assert got.data_ptr() == resid.data_ptr() and got.shape == (2, 3, 16)
+    assert_close(resid, expected, torch.float32, "in place")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy exp
+def test_silu_glu_saturates_without_nan():
+    """silu(g) = g / (1 + exp(-g)): a very negative gate gives -0 (exp overflows to inf), not NaN."""
+    x = torch.ones(1, 8, device=DEVICE)
+    gates, ups = [-1e3, 1e3, -30.0, 30.0, 1e-4], [2.0, -1.0, 1.0, 0.5, 3.0]
+    w = torch.tensor([[v / 8] * 8 for pair in zip(gates, ups) for v in pair], device=DEVICE)  # (10, 8) interleaved
+    out = KL.linear(x, w, activation="silu_glu")
+    ref = reference.linear(x.double(), w.double(), activation="silu_glu")
+    assert torch.isfinite(out).all() and out.shape == (1, 5)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("M", [3, 20])
+def test_cublas_linear_rmsnorm_and_silu_glu(M, monkeypatch):
+    """The cuBLAS side (prefill, or the plan's choice): one add_rmsnorm launch, the product, silu_glu."""
+    from fastgpt.kernels import layernorm as LN
+
+    rms_launches = LaunchCounter(LN._add_layernorm_kernel)
+    monkeypatch.setattr(LN, "_add_layernorm_kernel", rms_launches)
+    inp = make_inputs(M, 24, 40, torch.float32, norm="rmsnorm", glu=True)
+    out = poisoned((M, 12), torch.float32)
+    got = KL.cublas_linear(**inp, activation="silu_glu", norm="rmsnorm", ln_eps=1e-6, out=out)
+    assert got is out and rms_launches.launches == 1
+    assert_close(out, reference64(inp, "silu_glu", ln_eps=1e-6, norm="rmsnorm"), torch.float32, "cublas_linear")
+
+
+def _bad_llama_calls():
+    x, w, g = torch.randn(2, 8), torch.randn(6, 8), torch.ones(8)
+    cases = [
+        (dict(norm="rms"), ValueError, "norm must be one of 'layernorm', 'rmsnorm', got 'rms'"),
+        (dict(norm=None), ValueError, "norm must be one of"),
+        (dict(norm="rmsnorm", ln_weight=g, ln_bias=torch.zeros(8)), ValueError, "norm='rmsnorm' takes no ln_bias"),
+        (dict(norm="rmsnorm", ln_weight=torch.ones(7)), ValueError, "ln_weight must be a contiguous \\(8,\\)"),
+        (dict(norm="rmsnorm", ln_weight=g.half()), TypeError, "ln_weight must have dtype"),
+        (dict(norm="rmsnorm", ln_weight=g, ln_eps=-1.0), ValueError, "ln_eps must be"),
+        (dict(weight=torch.randn(5, 8), activation="silu_glu"), ValueError, "silu_glu' needs an even N"),
+        (dict(activation="silu_glu", residual=torch.randn(2, 6)), ValueError, "residual must have shape \\(2, 3\\) \\(x's rows, N/2"),
+        (dict(activation="silu_glu", out=torch.empty(2, 6)), ValueError, "out must have shape \\(2, 3\\)"),
+        (dict(x=torch.randn(1, 8), activation="silu_glu", config=KL.GemvConfig(1, 64, 4, 1)), ValueError, "block_n >= 2"),
+        (dict(activation="swiglu"), ValueError, "activation must be one of"),
+    ]
+    base = dict(x=x, weight=w)
+    return [pytest.param(dict(base, **over), exc, msg, id=msg[:40]) for over, exc, msg in cases]
+
+
+@pytest.mark.parametrize("kwargs, exc, message", _bad_llama_calls())
+def test_llama_bad_inputs_raise_before_launch(kwargs, exc, message, gemv_launches, monkeypatch):
+    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    with pytest.raises(exc, match=message):
+        KL.linear(**kwargs)
+    assert gemv_launches.launches == 0
+    if "config" not in kwargs:  # the cuBLAS side validates the same way, before any work
+        mm = LaunchCounter(None)
+        monkeypatch.setattr(torch, "mm", lambda *a, **k: mm[None])
+        with pytest.raises(exc, match=message):
+            KL.cublas_linear(**kwargs)
+        assert mm.launches == 0
 
 
 def test_pdl_switch(monkeypatch):
@@ -667,7 +809,11 @@ def test_model_decode_combines_attention_in_the_out_projection(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # sm_90 compile checks (a subprocess without TRITON_INTERPRET: real JITFunctions)
 # --------------------------------------------------------------------------------------------
-_ALL_FLAGS = dict(HAS_BIAS=True, ACTIVATION=1, HAS_RESIDUAL=True, HAS_LN=True)
+_ALL_FLAGS = dict(HAS_BIAS=True, ACTIVATION=1, HAS_RESIDUAL=True, NORM=1)
+#: The LLaMA family's superset: RMSNorm prologue, interleaved bias, silu_glu, residual.
+_LLAMA_FLAGS = dict(HAS_BIAS=True, ACTIVATION=KL.ACTIVATIONS["silu_glu"], HAS_RESIDUAL=True, NORM=KL.NORM_CODES["rmsnorm"])
+#: Hidden sizes of the LLaMA-family presets (SmolLM2-135M ... Llama-3.1-8B / Mistral-7B).
+LLAMA_HIDDEN = (576, 896, 1536, 2048, 3072, 4096)
 
 
 def _compile_specs() -> list[dict]:
@@ -694,6 +840,28 @@ def _compile_specs() -> list[dict]:
         cfg = KL.row_config(K)
         specs.append(dict(dtype=dt, block_m=1, tile=[cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages], split=False, row=True))
     specs.append(dict(dtype="fp16", block_m=1, tile=[4, 1024, 4, 1], split=False, row=True, attn=64))
+    return specs + _llama_compile_specs()
+
+
+def _llama_compile_specs() -> list[dict]:
+    """Every config the plan can pick for the LLaMA shapes, with the RMSNorm + silu_glu superset.
+
+    The whole-row configs of the hidden sizes up to ROW_K_MAX (q/k/v, gate_up, the LM heads at
+    M == 1) at fp16 / bf16 / fp32; every M == 1 K-loop tile with split-K and the widest one-load
+    statistics row (LN_ROW 4096: K = 3072 / 4096), fp16 and bf16; every tensor-core tile with
+    split-K (chunked statistics) at fp16, bf16 and fp32 (IEEE dots: the most shared memory).
+    """
+    specs = []
+    row_tiles = sorted({tuple(vars(KL.row_config(K)).values())[:4] for K in LLAMA_HIDDEN if K <= KL.ROW_K_MAX})
+    for dt in ("fp16", "bf16", "fp32"):
+        for tile in row_tiles:
+            specs.append(dict(dtype=dt, block_m=1, tile=list(tile), split=False, row=True, llama=True))
+    for dt in ("fp16", "bf16"):
+        for tile in KL.M1_TILES:
+            specs.append(dict(dtype=dt, block_m=1, tile=list(tile), split=True, ln_row=KL.LN_ROW_MAX, llama=True))
+    for dt in ("fp16", "bf16", "fp32"):
+        for tile in KL.DOT_TILES:
+            specs.append(dict(dtype=dt, block_m=16, tile=list(tile), split=True, llama=True))
     return specs
 
 
@@ -726,13 +894,13 @@ def _compile_worker() -> None:
         dt = spec["dtype"]
         bn, bk, warps, stages = spec["tile"]
         attn = spec.get("attn", 0)
-        flags = dict(_ALL_FLAGS, HAS_LN=False) if attn else _ALL_FLAGS
+        flags = _LLAMA_FLAGS if spec.get("llama") else dict(_ALL_FLAGS, NORM=0) if attn else _ALL_FLAGS
         kernel = KL._gemv_row_kernel if spec.get("row") else KL._gemv_kernel
         if spec.get("row"):
             constexprs = dict(flags, BLOCK_N=bn, ROW_K=bk, ATTN_HEAD_DIM=attn, USE_PDL=True)
         else:
             constexprs = dict(
-                flags, LN_ROW=2048 if spec["block_m"] == 1 and not attn else 0,  # GPT-2 XL's 1600 features
+                flags, LN_ROW=spec.get("ln_row", 2048 if spec["block_m"] == 1 and not attn else 0),  # XL's 1600 features
                 USE_SPLIT=spec["split"], BLOCK_M=spec["block_m"], BLOCK_N=bn, BLOCK_K=bk,
                 DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False,
                 ATTN_HEAD_DIM=attn, USE_PDL=True,  # the decode step's kernel, as it runs on sm_90
@@ -803,6 +971,12 @@ def test_every_config_compiles_for_sm90():
     assert any(r["spec"].get("row") for r in results) and any(r["spec"].get("attn") for r in results)
     tiles_covered = {(r["spec"]["block_m"], tuple(r["spec"]["tile"])) for r in results}
     assert tiles_covered >= {(1, t) for t in KL.M1_TILES} | {(16, t) for t in KL.DOT_TILES}
+    llama = {(r["spec"]["dtype"], r["spec"]["block_m"], tuple(r["spec"]["tile"])) for r in results if r["spec"].get("llama")}
+    for dt in ("fp16", "bf16"):  # every config the plan can pick for the LLaMA shapes, RMSNorm + silu_glu
+        for M, N, K in [(m, n, k) for m in (1, 16) for k in LLAMA_HIDDEN for n in (2 * k, 8 * k)]:
+            for cfg in KL.candidate_configs(M, N, K, "cpu", exhaustive=True):
+                tile = (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+                assert (dt, 1 if M == 1 else 16, tile) in llama, f"{dt} M={M} N={N} K={K}: {cfg} not compiled"
 
 
 # --------------------------------------------------------------------------------------------
@@ -852,6 +1026,77 @@ def test_gpt2_shapes_fp16_cuda(shape, M, gemv_launches):
     torch.cuda.synchronize()
     assert gemv_launches.launches == 1
     assert_close(out, reference64(inp, activation), torch.float16, f"{shape} M={M}")
+
+
+#: Llama-3.2-1B's decode shapes (hidden 2048, MLP 8192, vocab 128,256) and Qwen2.5-0.5B's (896,
+#: 4864, 151,936; q/k/v with bias): (N, K, norm, activation, bias, residual); gate_up is the
+#: row-interleaved (2F, K) weight.
+LLAMA_SHAPES = {
+    "llama1b.qkv": (3072, 2048, "rmsnorm", None, False, False),
+    "llama1b.o_proj": (2048, 2048, None, None, False, True),
+    "llama1b.gate_up": (16384, 2048, "rmsnorm", "silu_glu", False, False),
+    "llama1b.down": (2048, 8192, None, None, False, True),
+    "llama1b.lm_head": (128256, 2048, "rmsnorm", None, False, False),
+    "qwen0.5b.qkv": (1152, 896, "rmsnorm", None, True, False),
+    "qwen0.5b.gate_up": (9728, 896, "rmsnorm", "silu_glu", False, False),
+    "qwen0.5b.down": (896, 4864, None, None, False, True),
+    "qwen0.5b.lm_head": (151936, 896, "rmsnorm", None, False, False),
+}
+
+
+def llama_inputs(shape, M, dtype, seed=0):
+    N, K, norm, activation, bias, residual = LLAMA_SHAPES[shape]
+    inp = make_inputs(M, N, K, dtype, bias=bias, residual=residual, ln=norm is not None, norm="rmsnorm", glu=activation == "silu_glu", seed=seed)
+    return inp, activation, dict(norm="rmsnorm", ln_eps=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", list(LLAMA_SHAPES))
+def test_llama_shapes_cuda(shape, dtype, M, gemv_launches):
+    inp, activation, kw = llama_inputs(shape, M, dtype)
+    out = run_gemv(inp, activation, **kw)  # default config (whole-row / persistent / split-K)
+    torch.cuda.synchronize()
+    assert gemv_launches.launches == 1
+    assert_close(out, reference64(inp, activation, **kw), dtype, f"{shape} {dtype} M={M}")
+    ref_cublas = KL.cublas_linear(**inp, activation=activation, **kw)
+    assert_close(ref_cublas, reference64(inp, activation, **kw), dtype, f"cublas_linear {shape} {dtype} M={M}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("shape", ["llama1b.gate_up", "llama1b.qkv", "qwen0.5b.gate_up"])
+def test_every_candidate_config_llama_cuda(shape, M):
+    """Every config the measurement may choose for a LLaMA op (RMSNorm, silu_glu), and each tile without split-K."""
+    inp, activation, kw = llama_inputs(shape, M, torch.bfloat16, seed=1)
+    ref = reference64(inp, activation, **kw)
+    N, K = inp["weight"].shape
+    candidates = KL.candidate_configs(M, N, K, "cuda", exhaustive=True)
+    for cfg in candidates + [c.with_split(1) for c in candidates]:
+        out = run_gemv(inp, activation, cfg, **kw)
+        assert_close(out, ref, torch.bfloat16, f"{shape} {cfg}")
+
+
+@pytest.mark.cuda
+def test_silu_glu_split_k_under_cuda_graph_replay():
+    """gate_up with RMSNorm and split-K replayed from a graph: the finisher applies silu_glu."""
+    M, N, K = 1, 2048, 4096
+    cfg = KL.GemvConfig(16, 256, 4, 3, 4)
+    inp = make_inputs(M, N, K, torch.bfloat16, bias=False, norm="rmsnorm", glu=True)
+    out = torch.empty(M, N // 2, dtype=torch.bfloat16, device="cuda")
+    kw = dict(activation="silu_glu", norm="rmsnorm", out=out, config=cfg)
+    KL.linear(**inp, **kw)  # eager first: compile + workspace
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        KL.linear(**inp, **kw)
+    for i in range(3):
+        inp["x"].normal_()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, reference64(inp, "silu_glu", norm="rmsnorm"), torch.bfloat16, f"replay {i}")
 
 
 @pytest.mark.cuda

@@ -94,3 +94,75 @@ def test_plan_measures_and_caches_cuda(monkeypatch):
         out = fn(inp["x"], inp["weight"], inp["bias"], **kwargs, **extra)
         assert_close(out, reference64(inp, None), torch.float16, f"plan {p}")
     assert len(LP.plans()) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# the LLaMA family: RMSNorm prologue, silu_glu epilogue
+# --------------------------------------------------------------------------------------------
+def test_plan_key_separates_norms_and_activations():
+    inp = make_inputs(2, 20, 30, torch.float32, norm="rmsnorm")
+    key = lambda **kw: LP.plan_key(inp["x"], inp["weight"], inp["bias"], ln_weight=inp["ln_weight"], **kw)  # noqa: E731
+    assert key(norm="rmsnorm") != key(norm="layernorm")
+    assert key(activation="silu_glu") != key(activation=None) != key(activation="gelu_tanh")
+    assert key(norm="rmsnorm")[-1] == "rmsnorm"
+    # Without ln_weight the norm does nothing and does not split the cache.
+    no_ln = lambda norm: LP.plan_key(inp["x"], inp["weight"], norm=norm)  # noqa: E731
+    assert no_ln("rmsnorm") == no_ln("layernorm")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU plan; CUDA measures (see test_plan_llama_ops_cuda)")
+def test_plan_on_cpu_accepts_rmsnorm_and_silu_glu(monkeypatch):
+    monkeypatch.delenv("FASTGPT_LINEAR", raising=False)
+    inp = make_inputs(1, 24, 40, torch.float32, norm="rmsnorm", glu=True, residual=False)
+    kw = dict(activation="silu_glu", ln_weight=inp["ln_weight"], ln_eps=1e-6, norm="rmsnorm")
+    p = LP.plan(inp["x"], inp["weight"], inp["bias"], **kw)
+    assert p.impl == "triton" and p.config == KL.default_config(1, 24, 40, "cpu")
+    out = KL.linear(inp["x"], inp["weight"], inp["bias"], config=p.config, **kw)
+    assert out.shape == (1, 12)
+    assert_close(out, reference64(inp, "silu_glu", ln_eps=1e-6, norm="rmsnorm"), torch.float32, "planned silu_glu")
+    assert LP.plan(torch.randn(17, 40), inp["weight"], **kw).impl == "cublas"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the GPU-only measurement on the CPU")
+def test_measurement_times_the_real_rmsnorm_silu_glu_op(monkeypatch):
+    """The measured candidates run the caller's op: RMSNorm, silu_glu, an N/2-wide output."""
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(L2_cache_size=1 << 16))
+    monkeypatch.setattr(LP, "_MEASURE_REPS", 2)
+    inp = make_inputs(1, 20, 48, torch.float32, norm="rmsnorm", glu=True)
+    seen = []
+    real_linear, real_cublas = KL.linear, KL.cublas_linear
+
+    def spy(real):
+        def call(*args, **kwargs):
+            out = real(*args, **kwargs)
+            seen.append((kwargs["norm"], kwargs["activation"], tuple(out.shape)))
+            return out
+
+        return call
+
+    monkeypatch.setattr(LP, "linear", spy(real_linear))
+    monkeypatch.setattr(LP, "cublas_linear", spy(real_cublas))
+    p = LP._measure(inp["x"], inp["weight"], inp["bias"], "silu_glu", inp["residual"], inp["ln_weight"], None, 1e-6, norm="rmsnorm")
+    assert p.reason.startswith("measured") and "cublas" in p.times_us and len(p.times_us) >= 2
+    assert seen and set(seen) == {("rmsnorm", "silu_glu", (1, 10))}
+
+
+@pytest.mark.cuda
+def test_plan_llama_ops_cuda(monkeypatch):
+    """Llama-3.2-1B's gate_up (RMSNorm + silu_glu) and LM head (RMSNorm) measured, cached, exact."""
+    monkeypatch.delenv("FASTGPT_LINEAR", raising=False)
+    LP.clear_plans()
+    for N, activation in ((16384, "silu_glu"), (128256, None)):
+        for M in (1, 8):
+            inp = make_inputs(M, N, 2048, torch.bfloat16, bias=False, residual=False, norm="rmsnorm", glu=activation is not None)
+            kw = dict(activation=activation, ln_weight=inp["ln_weight"], ln_eps=1e-5, norm="rmsnorm")
+            p = LP.plan(inp["x"], inp["weight"], **kw)
+            assert p.reason.startswith("measured") and "cublas" in p.times_us and len(p.times_us) >= 2, p
+            assert LP.plan(inp["x"], inp["weight"], **kw) is p, "cached"
+            fn = KL.linear if p.impl == "triton" else KL.cublas_linear
+            extra = dict(config=p.config) if p.impl == "triton" else {}
+            out = fn(inp["x"], inp["weight"], **kw, **extra)
+            assert_close(out, reference64(inp, activation, norm="rmsnorm"), torch.bfloat16, f"plan {p}")
+    assert len(LP.plans()) == 4

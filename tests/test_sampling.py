@@ -375,7 +375,7 @@ def test_random_settings_fuzz():
 # --------------------------------------------------------------------------------------------
 # Greedy and degenerate filters
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("V", [7, 111, 1000] + ([50257, 128256] if HAS_CUDA else []))
+@pytest.mark.parametrize("V", [7, 111, 1000] + ([50257, 128256, 151936] if HAS_CUDA else []))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_lowest_index_among_ties_across_chunks(V, dtype):
     B = 3
@@ -798,10 +798,13 @@ def test_every_config_compiles_for_sm90():
     # strides, bf16 with an int32 step.
     variants = (("float32", "int64", True), ("float32", "int64", False), ("float16", "int64", True),
                 ("bfloat16", "int32", True))
-    # The configurations real vocabularies select (GPT-2, LLaMA 3, Qwen 2) are all among them.
-    for V in (50257, 128256, 151936):
+    # The configurations real vocabularies select (GPT-2, SmolLM2, LLaMA 3, Qwen 2) are all among
+    # them, both kernels (no constexpr depends on the vocabulary itself, only on its config).
+    for V in (50257, 49152, 128256, 151936):
         cfg = next(c for limit, c in S._GPU_CONFIGS if V <= limit)
-        assert ("_row_kernel", S._kernel_constexprs(cfg)[1], cfg.warps2) in S.SAMPLER_CONFIGS
+        k1, k2 = S._kernel_constexprs(cfg)
+        assert ("_chunk_kernel", k1, cfg.warps1) in S.SAMPLER_CONFIGS
+        assert ("_row_kernel", k2, cfg.warps2) in S.SAMPLER_CONFIGS
     jobs = [(name, cx, warps, *v) for name, cx, warps in S.SAMPLER_CONFIGS for v in variants
             if name != "_noise_kernel"]
     # The noise kernel (gumbel_noise, which every CUDA test uses) reads no logits.
@@ -830,7 +833,7 @@ def test_every_config_compiles_for_sm90():
 
 
 def test_configs_cover_every_vocab():
-    for V in (1, 7, 4096, 4097, 50257, 65536, 65537, 128256, 200000, S.MAX_VOCAB):
+    for V in (1, 7, 4096, 4097, 49152, 50257, 65536, 65537, 128256, 151936, 200000, S.MAX_VOCAB):
         cfg = next(c for limit, c in S._GPU_CONFIGS if V <= limit)
         assert cfg.n_chunks(V) <= cfg.chunk_pad
         assert cfg.draw <= cfg.cap and cfg.tile % 4 == 0 and cfg.block % 4 == 0
@@ -849,7 +852,7 @@ _CUDA_MIXED = ([0.0, 1.0, 0.8, 1.0, 1.0, 0.7, 1.2, 0.9], [0, 0, 50, 0, 0, 40, 20
 # GPU (seconds each), so the cases reuse the few variants the other tests need anyway.
 _REAL_SIZES = [
     (7, torch.float32, 4.0), (1000, torch.float16, 1.0), (50257, torch.float32, 4.0), (50257, torch.float16, 1.0),
-    (50257, torch.bfloat16, 4.0), (128256, torch.bfloat16, 1.0), (128256, torch.float32, 4.0),
+    (50257, torch.bfloat16, 4.0), (128256, torch.bfloat16, 1.0), (128256, torch.float32, 4.0), (151936, torch.bfloat16, 4.0),
     (262144, torch.float32, 1.0), (262144, torch.bfloat16, 4.0),
 ]
 

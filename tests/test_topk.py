@@ -123,6 +123,18 @@ def test_cpu_matches_reference(ext, n, dtype):
                 assert_topk_equal(x, k, values, indices, ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_llama_vocab_widths(ext, dtype):
+    """Qwen2's vocabulary, 151,936 (LLaMA 3's 128,256 is in test_cpu_matches_reference), at the
+    sampler's k range (<= 256 and just past it), ties and special values included."""
+    n = 151936
+    for kind in ("dups", "special"):
+        x = make_rows(2, n, dtype, kind, seed=n % 1000)
+        ref = reference_topk(x, 300)
+        for k in (1, 50, 256, 257):
+            assert_topk_equal(x, k, *ext.topk(x, k), ref)
+
+
 def test_cpu_equal_rows_and_full_k(ext):
     for dtype in DTYPES:
         x = make_rows(2, 5000, dtype, "equal", seed=0)
@@ -371,6 +383,9 @@ def _emu_cases():
         ("n9000-dups-bf16", make_rows(1, 9000, bf16, "dups", 6), (50,), False),
         ("n5000-equal-f16", make_rows(1, 5000, f16, "equal", 7), (256,), False),
         ("gpt2-row-f32", make_rows(1, 50257, f32, "randn", 8), (50,), False),
+        # LLaMA 3's row (32 chunks, one round at k = 50); Qwen2's (38 chunks: two rounds at k = 256)
+        ("llama3-row-bf16", make_rows(1, 128256, bf16, "dups", 15), (50,), False),
+        ("qwen2-row-f16", make_rows(1, 151936, f16, "special", 16), (256,), False),
         # two chunk rounds; with k=200 the second round has a chunk holding only empty slots
         ("n70000-k256-f32", make_rows(1, 70000, f32, "dups", 9), (256,), False),
         ("n81970-k200-f16", make_rows(1, 81970, f16, "special", 10), (200,), True),
@@ -454,7 +469,7 @@ def test_cuda_backend_is_the_extension(ext):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("n", [7, 1000, 4095, 4096, 4097, 50257, 128256, 262144])
+@pytest.mark.parametrize("n", [7, 1000, 4095, 4096, 4097, 50257, 128256, 151936, 262144])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_matches_reference(ext, n, dtype):
     for rows in (1, 3):
