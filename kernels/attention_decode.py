@@ -110,27 +110,25 @@ DECODE_GROUP_CONFIGS: list[dict] = [
 #: float32 group tiles: at most this many ``BLOCK_N * HEAD_DIM * num_stages`` elements in flight
 #: (ptxas sm_90: 32 keys at head_dim 128 without pipelining spill 280 B, 128 keys x 2 stages 536 B).
 DECODE_GROUP_MAX_STAGED_FP32 = 16384
-#: Largest ``BLOCK_G * BLOCK_N`` score tile of the group kernel (a group of up to 16 heads takes
-#: every config; larger groups, 32 or 64 padded rows, take the shorter key tiles).
-DECODE_GROUP_MAX_SCORES = 2048
-#: Largest query-head group one program handles (padded to ``BLOCK_G`` rows).
-DECODE_MAX_GROUP = 64
+#: Query rows of one grouped program: ``tl.dot`` needs at least 16. A group of ``G <= 16`` heads
+#: is zero-padded to 16 rows; a larger group (multi-query models) takes ``cdiv(G, 16)`` programs
+#: per K/V head and split, each reading the chunk once for its 16 heads.
+DECODE_GROUP_BLOCK = 16
 
 
 def decode_group_block(group: int) -> int:
-    """Rows of the query block for ``group = H / H_kv`` query heads per K/V head: 1 (no dot, GPT-2's
-    path) or the power of two ``>= max(group, 16)`` (``tl.dot`` needs at least 16 rows)."""
-    if not 1 <= group <= DECODE_MAX_GROUP:
-        raise ValueError(f"group (n_head / n_kv_head) must be in [1, {DECODE_MAX_GROUP}], got {group}")
-    return 1 if group == 1 else max(16, _next_pow2(group))
+    """Query rows per program for ``group = H / H_kv``: 1 (GPT-2's per-head path, no dot) or
+    ``DECODE_GROUP_BLOCK``."""
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group (n_head / n_kv_head) must be a positive int, got {group!r}")
+    return 1 if group == 1 else DECODE_GROUP_BLOCK
 
 
-def decode_group_configs_for(head_dim: int, dtype: torch.dtype, block_g: int = 16) -> list[dict]:
-    """The entries of ``DECODE_GROUP_CONFIGS`` the autotuner tries at ``head_dim``, ``dtype``, ``block_g``."""
+def decode_group_configs_for(head_dim: int, dtype: torch.dtype) -> list[dict]:
+    """The entries of ``DECODE_GROUP_CONFIGS`` the autotuner tries at ``head_dim`` and ``dtype``."""
     return [
         c for c in DECODE_GROUP_CONFIGS
-        if c["BLOCK_N"] * block_g <= DECODE_GROUP_MAX_SCORES
-        and (dtype != torch.float32 or c["BLOCK_N"] * head_dim * c["num_stages"] <= DECODE_GROUP_MAX_STAGED_FP32)
+        if dtype != torch.float32 or c["BLOCK_N"] * head_dim * c["num_stages"] <= DECODE_GROUP_MAX_STAGED_FP32
     ]  # fmt: skip
 
 
@@ -201,17 +199,19 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _sincos(x):
-    """``(sin x, cos x)`` of float32 ``x``, about 1e-7 absolute error for ``|x|`` up to 1e6.
+    """``(sin x, cos x)`` of float32 ``x``: about 1e-7 absolute error for ``|x|`` up to 1e6.
 
-    Cody-Waite reduction ``r = x - j pi/2`` (``pi/2`` as a three-part float32 sum, FMAs, exact
-    enough for any rotary angle) and minimax polynomials on ``[-pi/4, pi/4]``, then the quadrant
-    ``j mod 4`` picks and signs them. Not ``tl.sin``/``tl.cos``: libdevice's large-argument path
-    keeps a local-memory array, a 32-byte stack frame in every kernel that calls it.
+    Cody-Waite reduction ``r = x - j pi/2`` with ``pi/2 = C1 + C2 + C3`` (C1 and C2 of 12
+    significant bits, so ``j * C1`` and ``j * C2`` are exact products: with FMAs on the GPU every
+    step is exact at any rotary angle; unfused, as the Triton interpreter evaluates ``tl.fma``, for
+    ``|x| < 6000``), then minimax polynomials on ``[-pi/4, pi/4]``, picked and signed by the
+    quadrant ``j mod 4``. Not ``tl.sin``/``tl.cos``: libdevice's large-argument path keeps a
+    local-memory array, a 32-byte stack frame in every kernel that calls it.
     """
     j = tl.floor(x * 0.6366197466850281 + 0.5)  # nearest multiple of pi/2
-    r = tl.fma(j, -1.5707963705062866, x)
-    r = tl.fma(j, 4.371138828673793e-08, r)
-    r = tl.fma(j, 1.7151245100058819e-15, r)  # r in [-pi/4, pi/4]
+    r = tl.fma(j, -1.57080078125, x)
+    r = tl.fma(j, 4.453584551811218e-06, r)
+    r = tl.fma(j, 8.705515752716053e-10, r)  # r in [-pi/4, pi/4]
     z = r * r
     s = r + r * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
     c = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5))
@@ -238,7 +238,7 @@ def _rope_tables(rope_ptr, position, HEAD_DIM: tl.constexpr):
     return cos, tl.where(offs_d < HEAD_DIM // 2, -sin, sin), (offs_d + HEAD_DIM // 2) % HEAD_DIM
 
 
-@triton.jit(do_not_specialize=["H_KV", "GROUP", "S_MAX", "CHUNK", "N_SPLIT", "normalize"])
+@triton.jit(do_not_specialize=["H_KV", "GROUP", "N_GBLK", "S_MAX", "CHUNK", "N_SPLIT", "normalize"])
 def _decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -254,6 +254,7 @@ def _decode_split_kernel(
     out_ptr,
     H_KV,
     GROUP,
+    N_GBLK,
     S_MAX,
     CHUNK,
     N_SPLIT,
@@ -275,8 +276,14 @@ def _decode_split_kernel(
     UPCAST: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    # One program per (row b, K/V head, split): the GROUP query heads hkv*GROUP .. +GROUP-1.
-    bkv = tl.program_id(0)
+    # One program per (row b, K/V head, split), for the GROUP query heads hkv*GROUP .. +GROUP-1
+    # (N_GBLK programs of BLOCK_G of them when GROUP > BLOCK_G).
+    if BLOCK_G == 1:
+        bkv = tl.program_id(0)
+        gblk = 0
+    else:
+        bkv = tl.program_id(0) // N_GBLK
+        gblk = tl.program_id(0) % N_GBLK
     split = tl.program_id(1)
     b = bkv // H_KV
     hkv = bkv % H_KV
@@ -372,7 +379,7 @@ def _decode_split_kernel(
     else:
         # Grouped query heads: a (BLOCK_G, D) query block (GROUP rows, zero-padded to >= 16 for
         # tl.dot); each K/V tile is read once for the whole group.
-        offs_g = tl.arange(0, BLOCK_G)
+        offs_g = gblk * BLOCK_G + tl.arange(0, BLOCK_G)  # this program's rows of the group
         g_ok = offs_g < GROUP
         heads = hkv64 * GROUP + offs_g  # (BLOCK_G,) int64 query heads (padded rows: unused)
         q_rows = q_ptr + b64 * stride_qb + heads[:, None] * stride_qh  # (BLOCK_G, 1)
@@ -407,8 +414,9 @@ def _decode_split_kernel(
         l_i = l_i * alpha + p_new
         acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
         m_i = m_new
-        tl.store(kc_base + new_slot + offs_d, k_new, mask=d_ok & owner)
-        tl.store(vc_base + new_slot + offs_d, v_new, mask=d_ok & owner)
+        writer = owner & (gblk == 0)  # one program per K/V head stores the new token
+        tl.store(kc_base + new_slot + offs_d, k_new, mask=d_ok & writer)
+        tl.store(vc_base + new_slot + offs_d, v_new, mask=d_ok & writer)
 
         if normalize != 0:
             o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -489,9 +497,7 @@ def _prune_decode_configs(configs, named_args, **kwargs):
 def _prune_decode_group_configs(configs, named_args, **kwargs):
     """The group tuner's early prune: :func:`decode_group_configs_for` at this head_dim, dtype, block."""
     q = named_args.get("q_ptr")
-    allowed = decode_group_configs_for(
-        kwargs["HEAD_DIM"], q.dtype if q is not None else torch.float32, kwargs.get("BLOCK_G", 16)
-    )
+    allowed = decode_group_configs_for(kwargs["HEAD_DIM"], q.dtype if q is not None else torch.float32)
     return [c for c in configs if dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) in allowed]
 
 
@@ -501,7 +507,7 @@ _decode_split_tuned = triton.autotune(
 )(_decode_split_kernel)
 
 _decode_group_tuned = triton.autotune(
-    configs=_triton_configs(DECODE_GROUP_CONFIGS), key=["HEAD_DIM", "CHUNK", "N_SPLIT", "BLOCK_G", "ROPE"],
+    configs=_triton_configs(DECODE_GROUP_CONFIGS), key=["HEAD_DIM", "CHUNK", "N_SPLIT", "ROPE"],
     do_bench=_tune_bench, prune_configs_by={"early_config_prune": _prune_decode_group_configs},
 )(_decode_split_kernel)
 
@@ -607,7 +613,7 @@ def _check_workspace(workspace, B: int, H: int, D: int, S_max: int, device) -> i
     return n_split
 
 
-#: (device, dtype, head_dim, chunk, n_split, pdl, block_g, rope) keys the decode autotuners have
+#: (device, dtype, head_dim, chunk, n_split, pdl, grouped, rope) keys the decode autotuners have
 #: resolved (capture guard).
 _decode_tuned_keys: set = set()
 
@@ -669,7 +675,7 @@ def decode_attention(
     ----------
     q : (B, 1, H, D), float16/bfloat16/float32, last dimension contiguous.
     k, v : (B, 1, H_kv, D), q's dtype, last dimension contiguous; ``H_kv`` divides ``H`` (query
-        head ``h`` reads K/V head ``h // (H / H_kv)``; at most 64 query heads per K/V head).
+        head ``h`` reads K/V head ``h // (H / H_kv)``).
     k_cache, v_cache : (B, H_kv, S_max, D) contiguous; slot ``cache_pos`` is written.
     cache_pos : (1,) int32 device tensor, the slot of the new token (same for every row), which
         must be in ``[0, S_max)`` (not checkable on the host; out of range gives a NaN output and
@@ -692,8 +698,6 @@ def decode_attention(
         ``combine=False``, the partials that combine to it.
     """
     B, T, H, D, S_max = _check_qkv_and_cache(q, k, v, k_cache, v_cache, row_start, out, decode=True, rope=rope)
-    if H // k.shape[2] > DECODE_MAX_GROUP:
-        raise ValueError(f"at most {DECODE_MAX_GROUP} query heads per K/V head, got q {H} / k {k.shape[2]} heads")
     check_tensor(cache_pos, "cache_pos", ndim=1, dtypes=(torch.int32,), device=q.device)
     if cache_pos.shape[0] != 1:
         raise ValueError(f"cache_pos must have shape (1,), got {tuple(cache_pos.shape)}")
@@ -733,6 +737,7 @@ def _launch_decode(
     H_kv = k.shape[2]
     group = H // H_kv
     block_g = decode_group_block(group)
+    n_gblk = triton.cdiv(group, block_g)
     S_max = k_cache.shape[2]
     o_part, m_part, l_part = workspace["attn_o"], workspace["attn_m"], workspace["attn_l"]
     n_split = o_part.shape[2]
@@ -742,7 +747,7 @@ def _launch_decode(
     # kernel's signature is the same either way).
     args = (
         q, k, v, k_cache, v_cache, cache_pos, row_start, m_part if rope is None else rope, o_part, m_part, l_part, out,
-        H_kv, group, S_max, chunk, n_split,
+        H_kv, group, n_gblk, S_max, chunk, n_split,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         out.stride(0), out.stride(2),
         _LOG2E / math.sqrt(D), int(combine and n_split == 1),
@@ -751,7 +756,7 @@ def _launch_decode(
         HEAD_DIM=D, BLOCK_G=block_g, ROPE=rope is not None, IEEE=q.dtype == torch.float32,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
     )
-    grid = (B * H_kv, n_split)
+    grid = (B * H_kv * n_gblk, n_split)
     use_pdl = pdl_enabled(q.device)
     if config is None and interpreting():
         config = INTERPRETER_DECODE_CONFIG
