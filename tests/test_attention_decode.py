@@ -26,7 +26,7 @@ from fastgpt.kernels import attention_common as AC
 from fastgpt.kernels import attention_decode as AD
 from fastgpt.kernels import attention_prefill as AP
 from tests.attention_helpers import (
-    BF16, DEVICE, DTYPES, F16, F32, assert_close, cuda_case, fused_qkv, launches,
+    BF16, DEVICE, DTYPES, F16, F32, HAS_CUDA, assert_close, cuda_case, fused_qkv, launches,
     make_row_start, nan_like, prefill_reference,
 )
 from tests.kernel_helpers import run_compile_workers, spill_bytes
@@ -249,7 +249,7 @@ def test_decode_every_config(launches, config, n_split):
 # tiny cache sizes, one dtype each (the kernel code does not depend on the dtype but for the
 # dot's precision flags, which the every-config test below crosses with the configs).
 GQA_CPU = [
-    (F32, 3, 9, 3, 64, 40, 33, True, 3, "plain", True),  # SmolLM2 (G 3), 3 splits; an all-pad row
+    (F32, 3, 9, 3, 64, 40, 33, True, 3, "plain", False),  # SmolLM2 (G 3), 3 splits; an all-pad row
     (F16, 2, 4, 1, 128, 24, 20, True, None, None, True),  # multi-query, one split, head_dim 128
     (BF16, 1, 8, 2, 64, 50, 47, False, 4, "llama3", True),  # Llama-3.2-1B (G 4), 4 splits
     (F32, 2, 14, 2, 128, 33, 32, True, 3, "random", False),  # Qwen2.5 (G 7): pos on a chunk boundary
@@ -500,6 +500,70 @@ def test_decode_replayed_from_a_cuda_graph_matches_reference(launches, dtype, B,
     assert torch.equal(vc[:, :, :total], v.transpose(1, 2))
 
 
+@pytest.mark.parametrize(
+    "dtype,B,H,H_kv,D,max_len,T0,steps,n_split,combine",
+    [
+        pytest.param(F16, 2, 4, 1, 64, 40, 30, 2, 3, False),  # interpreter: partials -> out-projection prologue
+        cuda_case(F16, 3, 32, 8, 64, 700, 250, 10, None, True),
+        cuda_case(BF16, 2, 14, 2, 128, 700, 250, 10, None, False),
+        cuda_case(F32, 1, 9, 3, 64, 700, 250, 10, 1, True),
+        cuda_case(F16, 1, 48, 1, 128, 3000, 2900, 10, None, False),
+    ],
+)
+def test_grouped_rope_decode_steps_match_reference(launches, dtype, B, H, H_kv, D, max_len, T0, steps, n_split, combine):
+    """Decode steps with rope at advancing positions over a random history (slots < T0), against the
+    reference on a float64 copy of the cache. ``combine=False`` is the model's step: the partials
+    combined by the out-projection GEMV's prologue (kernels.linear, ``attn_partials``). On a GPU
+    the step is captured once in a CUDA graph and replayed (the position is read on the device)."""
+    import fastgpt.kernels.linear as KL
+
+    device = DEVICE
+    inv_freq = rope_freqs("llama3", D)
+    row_start = make_row_start(B, T0 - 1, pad=True)
+    kc = torch.randn(B, H_kv, max_len, D, device=device).to(dtype)
+    vc = torch.randn_like(kc)
+    kr, vr = kc.double(), vc.double()  # the reference's cache, updated by each reference step
+    q_all, k_all, v_all = fused_qkv_gqa(B, steps, H, H_kv, D, dtype)
+    static_q, static_k, static_v = (torch.zeros_like(t[:, :1]) for t in (q_all, k_all, v_all))
+    static_out = torch.zeros(B, 1, H, D, device=device, dtype=dtype)
+    pos = torch.tensor([T0], dtype=torch.int32, device=device)
+    workspace = AD.decode_workspace(B, H, D, max_len, device, n_split=n_split, n_kv_head=H_kv)
+    weight = (torch.randn(48, H * D, device=device) / (H * D) ** 0.5).to(dtype)
+
+    def step():
+        if combine:
+            return AD.decode_attention(
+                static_q, static_k, static_v, kc, vc, pos, row_start, workspace, out=static_out, rope=inv_freq
+            )
+        partials = AD.decode_attention(static_q, static_k, static_v, kc, vc, pos, row_start, workspace, combine=False, rope=inv_freq)
+        return KL.linear(None, weight, attn_partials=partials)
+
+    if HAS_CUDA:
+        AD.warmup_decode(static_q, static_k, static_v, kc, vc, row_start, workspace, rope=inv_freq)  # writes the last slot
+        step()  # eager warm-up of every kernel of the step (slot T0 is rewritten by the first replay)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = step()
+    for t in range(steps):
+        for static, full in ((static_q, q_all), (static_k, k_all), (static_v, v_all)):
+            static.copy_(full[:, t : t + 1])
+        if HAS_CUDA:
+            graph.replay()
+            torch.cuda.synchronize()
+        else:
+            result = step()
+        ref = reference.attention(
+            q_all[:, t : t + 1].double(), k_all[:, t : t + 1].double(), v_all[:, t : t + 1].double(), kr, vr, T0 + t,
+            row_start, rope=inv_freq,
+        )
+        if not combine:
+            ref = reference.linear(ref.to(dtype).double().flatten(2), weight.double(), None)
+        assert_close(result, ref, dtype, f"step {t}")
+        pos += 1
+    assert_close(kc[:, :, T0 : T0 + steps], kr[:, :, T0 : T0 + steps], dtype, "rotated keys in the cache")
+
+
 # --------------------------------------------------------------------------------------------
 # sm_90 compile check of every (kernel, config) the autotuner may pick (runs on the CPU)
 # --------------------------------------------------------------------------------------------
@@ -627,7 +691,7 @@ def test_autotuned_launch_path_passes_keys_and_meta_correctly(launches, monkeypa
     interpreter with small configs and a wall-clock benchmark in place of the CUDA one."""
     import triton
 
-    for tuner in (AP._prefill_tuned, AP._prefill_tuned_fp32, AD._decode_split_tuned):
+    for tuner in (AP._prefill_tuned, AP._prefill_tuned_fp32, AD._decode_split_tuned, AD._decode_group_tuned):
         assert set(tuner.keys) <= set(tuner.arg_names), "every autotune key must be a kernel argument"
         assert "cache_pos" not in tuner.keys and "pos_ptr" not in tuner.keys
 
@@ -669,3 +733,31 @@ def test_autotuned_launch_path_passes_keys_and_meta_correctly(launches, monkeypa
         assert_close(out_d, ref, dtype, "autotuned decode")
     assert launches["_prefill_kernel"] >= 4 and launches["_decode_split_kernel"] >= 4
     assert launches["_decode_combine_kernel"] == 2
+
+
+def test_grouped_autotuned_launch_path(launches, monkeypatch):
+    """The group tuner's launch (keys, prune with the kernel's meta-parameters, grid per K/V head)
+    under the interpreter, with two small configs and a dummy benchmark."""
+    calls = []
+
+    def cpu_bench(fn, quantiles=None):
+        fn()
+        return [1.0, 1.0, 1.0]
+
+    def prune(configs, named_args, **kwargs):
+        calls.append((named_args["q_ptr"].dtype, kwargs["HEAD_DIM"], kwargs["BLOCK_G"], kwargs["ROPE"]))
+        return configs
+
+    small = [dict(BLOCK_N=16, num_warps=4, num_stages=1), dict(BLOCK_N=32, num_warps=4, num_stages=2)]
+    tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in small],
+        key=AD._decode_group_tuned.keys, do_bench=cpu_bench, prune_configs_by={"early_config_prune": prune},
+    )(AD._decode_split_kernel)
+    monkeypatch.setattr(AD, "_decode_group_tuned", tuned)
+    monkeypatch.setattr(AD, "interpreting", lambda: False)
+    monkeypatch.setattr(AC, "triton_usable_on", lambda device: True)
+    for dtype in (F16, F32):  # not bf16: without UPCAST the interpreter's bf16 dot is wrong
+        launches.clear()
+        run_decode_case(launches, dtype, 1, 4, 64, 40, 33, False, 2, n_kv_head=2, rope="plain")
+        assert launches["_decode_split_kernel"] == len(small) + 1  # each config timed once, then the launch
+    assert calls == [(F16, 64, 16, True), (F32, 64, 16, True)]
