@@ -6,13 +6,37 @@ Shapes, dtypes, the online-softmax maths and the autotuning rules are in
 Decode (:func:`decode_attention`, one new token at device slot ``cache_pos``)
 --------------------------------------------------------------------------------
 Flash-decoding. The cache length ``S_max`` is cut into ``n_split`` chunks of ``CHUNK`` slots
-(a function of the cache shape only, see :func:`decode_num_splits`), grid ``(B*H, n_split)``.
-Split program ``s`` computes ``(m_s, l_s, acc_s)`` over the valid slots of
-``[s*CHUNK, (s+1)*CHUNK)`` before ``cache_pos``; a combine kernel merges them with
-log-sum-exp weights ``2^(m_s - M)``. Programs whose chunk starts after ``cache_pos`` write nothing
-and the combine kernel never reads them, so the launch shape never depends on ``cache_pos``
-(CUDA-graph safe: ``cache_pos`` is only read on the device). With ``n_split == 1`` the split
-kernel normalises and writes the output itself and the combine kernel is not launched.
+(a function of the cache shape only, see :func:`decode_num_splits`), grid ``(B*H_kv, n_split)``:
+one program per (row, K/V head, split). Split program ``s`` computes ``(m_s, l_s, acc_s)`` over
+the valid slots of ``[s*CHUNK, (s+1)*CHUNK)`` before ``cache_pos``; a combine kernel merges them
+with log-sum-exp weights ``2^(m_s - M)``. Programs whose chunk starts after ``cache_pos`` write
+nothing and the combine kernel never reads them, so the launch shape never depends on
+``cache_pos`` (CUDA-graph safe: ``cache_pos`` is only read on the device). With ``n_split == 1``
+the split kernel normalises and writes the output itself and the combine kernel is not launched.
+
+Grouped-query heads (``H_kv < H``, LLaMA-family models): query head ``h`` reads K/V head
+``h // G`` with ``G = H / H_kv``. Decode is bound by the K/V bytes read, so the ``G`` query heads
+of a K/V head share ONE program, which reads each K/V tile of its chunk once: a ``(16, D)`` query
+block (the group, zero-padded to the 16 rows ``tl.dot`` needs) against the ``(BLOCK_N, D)`` key
+tile -- ``S = Q K^T`` and ``P V`` are tensor-core dots (float32: IEEE FMA dots), and since the
+loads now feed dots Triton software-pipelines them (cp.async, ``DECODE_GROUP_CONFIGS`` with
+``num_stages >= 2``). A group of more than 16 heads (multi-query models) takes ``cdiv(G, 16)``
+programs per K/V head and split (grid ``(B*H_kv*cdiv(G, 16), n_split)``). ``G = 1`` (GPT-2) keeps
+its own constexpr path: a ``(D,)`` query and elementwise score sums, no padding to 16 rows, and
+``DECODE_CONFIGS``, exactly as before grouping existed. The partials stay per QUERY head
+(``(B, H, n_split, D)``), so the combine kernel and :func:`combined_attention_tile` do not know
+about groups.
+
+Rotary embedding (``rope`` = the ``(D/2,)`` float32 inverse frequencies): fused into the split
+kernel's prologue, no extra launch. q (all heads of the program) and the new k are rotated at
+position ``cache_pos - row_start[b]`` clamped at 0 (:func:`fastgpt.reference.rope_positions`;
+``row_start`` as given, unclamped) with Hugging Face's rotate-half convention: feature ``d``
+pairs with ``(d + D/2) % D``, so each vector is loaded twice (plain and at the partner offsets,
+an L1 hit) and ``x' = x cos f + sign * x_partner sin f`` with ``f = pos * inv_freq[d % (D/2)]``,
+all in float32 (:func:`_sincos`: own range reduction, no libdevice stack frame), rounded once to
+the input dtype. The rotated k is what the scores use and what the owning program writes into
+the cache (the cache holds rotated keys, as the reference's); v is not rotated. Cached keys are
+never rotated again.
 
 Combine in the next kernel (``combine=False``): the split kernel writes its partials (with
 ``n_split == 1`` too) and nothing else runs; :func:`decode_attention` returns an
@@ -26,10 +50,10 @@ Programmatic dependent launch (:func:`kernels.utils.pdl_enabled`): the split ker
 positions) may come from earlier kernels, then lets the next kernel launch at once, so the
 out-projection's weight stream overlaps the attention.
 
-Append-then-attend without a race: the slot ``cache_pos`` is read by exactly one program, the
-split that owns it (``cache_pos // CHUNK``). That program never reads the slot from memory: it
-uses the new ``k, v`` it holds in registers for that slot (one extra online-softmax step) and
-it is also the only program that stores them into the cache. Every other split only reads slots
+Append-then-attend without a race: the slot ``cache_pos`` is read only by the split that owns it
+(``cache_pos // CHUNK``). Its programs never read the slot from memory: they use the new ``k, v``
+they hold in registers for that slot (one extra online-softmax step), and one of them (group
+block 0) is the only program that stores them into the cache. Every other split only reads slots
 ``< cache_pos``, which no program of this launch writes.
 
 ``cache_pos`` cannot be checked on the host without a device sync. If it is outside
@@ -79,9 +103,10 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Configurations: every config the autotuner may pick (the compile test iterates these).
 # --------------------------------------------------------------------------------------------
-#: Decode split-kernel configs (BLOCK_N = keys per inner tile). The decode loop's loads do not
-#: feed a dot, so Triton does not software-pipeline them: memory parallelism comes from many
-#: resident programs (small num_warps) and wide tiles, not from num_stages.
+#: Decode split-kernel configs of the per-head path (``H_kv == H``, GPT-2; BLOCK_N = keys per
+#: inner tile). Its loop's loads do not feed a dot, so Triton does not software-pipeline them:
+#: memory parallelism comes from many resident programs (small num_warps) and wide tiles, not
+#: from num_stages.
 DECODE_CONFIGS: list[dict] = [
     dict(BLOCK_N=32, num_warps=2, num_stages=1),
     dict(BLOCK_N=64, num_warps=4, num_stages=1),
@@ -238,6 +263,76 @@ def _rope_tables(rope_ptr, position, HEAD_DIM: tl.constexpr):
     return cos, tl.where(offs_d < HEAD_DIM // 2, -sin, sin), (offs_d + HEAD_DIM // 2) % HEAD_DIM
 
 
+@triton.jit
+def _attend_one_head(q, k_new, v_new, kc_base, vc_base, start, lo, hi, new_ok, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of one query head over cached slots ``[lo, hi)`` (tiles from the aligned
+    ``start``), then the new token from registers when ``new_ok``: ``(m, l, acc)``, fp32 scalars and
+    ``(D,)``. ``q`` is ``(D,)`` float32, pre-scaled to log2 units; no dot: elementwise sums."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_i = tl.max(tl.full([BLOCK_N], _NEG_BIG, tl.float32), 0)  # fp32 scalar
+    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for start_n in range(start, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        n_ok = (offs_n >= lo) & (offs_n < hi)
+        # Issue both tile loads before any maths so they are in flight together.
+        k = tl.load(kc_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(vc_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        s = tl.sum(q[None, :] * k.to(tl.float32), 1)  # (BLOCK_N,)
+        s = tl.where(n_ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m_i = m_new
+
+    s_new = tl.sum(q * k_new.to(tl.float32), 0)
+    s_new = tl.where(new_ok, s_new, float("-inf"))
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp2(m_i - m_new)
+    p_new = tl.exp2(s_new - m_new)
+    l_i = l_i * alpha + p_new
+    acc = acc * alpha + p_new * v_new.to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_group(
+    q, k_new, v_new, kc_base, vc_base, start, lo, hi, new_ok, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """:func:`_attend_one_head` for a ``(BLOCK_G, D)`` block of query heads sharing one K/V head
+    (input dtype, zero rows for padding): each K/V tile is loaded once and feeds two dots,
+    ``S = Q K^T`` and ``P V``. Returns ``(m, l, acc)``: ``(BLOCK_G,)``, ``(BLOCK_G,)``, ``(BLOCK_G, D)``."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for start_n in range(start, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        n_ok = (offs_n >= lo) & (offs_n < hi)
+        k = tl.load(kc_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(vc_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale  # (BLOCK_G, BLOCK_N) fp32, log2 units
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
+        m_i = m_new
+
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale  # (BLOCK_G,)
+    s_new = tl.where(new_ok, s_new, float("-inf"))
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp2(m_i - m_new)
+    p_new = tl.exp2(s_new - m_new)
+    l_i = l_i * alpha + p_new
+    acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["H_KV", "GROUP", "N_GBLK", "S_MAX", "CHUNK", "N_SPLIT", "normalize"])
 def _decode_split_kernel(
     q_ptr,
@@ -335,33 +430,7 @@ def _decode_split_kernel(
             q_rot = q.to(tl.float32) * cos + tl.load(q_row + partner).to(tl.float32) * sin
             q = q_rot.to(q.dtype)
         q = q.to(tl.float32) * qk_scale  # (D,) fp32; scores come out already in log2 units
-
-        m_i = tl.max(tl.full([BLOCK_N], _NEG_BIG, tl.float32), 0)  # fp32 scalar
-        l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
-        acc = tl.zeros([HEAD_DIM], tl.float32)
-        for start_n in range(start, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-            n_ok = (offs_n >= lo) & (offs_n < hi)
-            # Issue both tile loads before any maths so they are in flight together.
-            k = tl.load(kc_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(vc_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            s = tl.sum(q[None, :] * k.to(tl.float32), 1)  # (BLOCK_N,)
-            s = tl.where(n_ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-            m_i = m_new
-
-        s_new = tl.sum(q * k_new.to(tl.float32), 0)
-        s_new = tl.where(new_ok, s_new, float("-inf"))
-        m_new = tl.maximum(m_i, s_new)
-        alpha = tl.exp2(m_i - m_new)
-        p_new = tl.exp2(s_new - m_new)
-        l_i = l_i * alpha + p_new
-        acc = acc * alpha + p_new * v_new.to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = _attend_one_head(q, k_new, v_new, kc_base, vc_base, start, lo, hi, new_ok, HEAD_DIM, BLOCK_N)
         tl.store(kc_base + new_slot + offs_d, k_new, mask=d_ok & owner)
         tl.store(vc_base + new_slot + offs_d, v_new, mask=d_ok & owner)
 
@@ -389,31 +458,9 @@ def _decode_split_kernel(
             q_rot = q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]
             q = q_rot.to(q.dtype)
 
-        m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        for start_n in range(start, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-            n_ok = (offs_n >= lo) & (offs_n < hi)
-            k = tl.load(kc_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(vc_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale  # (BLOCK_G, BLOCK_N) fp32, log2 units
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
-            m_i = m_new
-
-        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale  # (BLOCK_G,)
-        s_new = tl.where(new_ok, s_new, float("-inf"))
-        m_new = tl.maximum(m_i, s_new)
-        alpha = tl.exp2(m_i - m_new)
-        p_new = tl.exp2(s_new - m_new)
-        l_i = l_i * alpha + p_new
-        acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
-        m_i = m_new
+        m_i, l_i, acc = _attend_group(
+            q, k_new, v_new, kc_base, vc_base, start, lo, hi, new_ok, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_G, IEEE, UPCAST
+        )
         writer = owner & (gblk == 0)  # one program per K/V head stores the new token
         tl.store(kc_base + new_slot + offs_d, k_new, mask=d_ok & writer)
         tl.store(vc_base + new_slot + offs_d, v_new, mask=d_ok & writer)

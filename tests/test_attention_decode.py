@@ -7,6 +7,13 @@ Triton interpreter on a small subset (several decode splits, left padding, every
 at a tiny size); the full shape matrix, CUDA graphs and the autotuned path on a GPU are marked
 ``cuda``. Prefill then decode steps (the model's order) are tested here too. Tolerances:
 tests/attention_helpers.py.
+
+Grouped-query attention (``H_kv < H``: SmolLM2 9/3, Qwen2.5 14/2, Llama-3 32/8, multi-query 4/1
+and 48/1) and rotary embedding (plain, Llama-3-scaled and random frequencies) are checked the
+same way: the output against ``reference.attention(..., rope=)``, the ROTATED key written at
+``cache_pos`` against the reference's cache, ``combine=False`` partials (per query head) combined
+in torch and by the out-projection's prologue, token-by-token decoding from an empty cache, the
+kernel's own float32 sin/cos, and the sm_90 compile of both paths with rope on and off.
 """
 
 from __future__ import annotations
