@@ -461,6 +461,14 @@ def test_decode_refuses_to_autotune_during_graph_capture(launches, monkeypatch):
     a["workspace"] = AD.decode_workspace(2, 3, 64, 8, DEVICE, n_split=5)  # a key never tuned before
     with pytest.raises(RuntimeError, match="warmup_decode"):
         AD.decode_attention(**a)
+    # The grouped path with rope has its own tuner and keys.
+    q, k, v = fused_qkv_gqa(2, 1, 4, 2, 64, F16)
+    kc = torch.zeros(2, 2, 8, 64, dtype=F16, device=DEVICE)
+    with pytest.raises(RuntimeError, match="warmup_decode"):
+        AD.decode_attention(
+            q, k, v, kc, kc.clone(), a["cache_pos"], a["row_start"], AD.decode_workspace(2, 4, 64, 8, DEVICE, n_split=5),
+            rope=rope_freqs("plain", 64),
+        )
     assert launches["_decode_split_kernel"] == 0
 
 
