@@ -5,10 +5,17 @@ Semantics are those of :func:`fastgpt.reference.attention`; these modules only m
 
 Shapes and layout
 -----------------
-* ``q, k, v``: ``(B, T, H, D)`` views of the fused QKV projection (``qkv.view(B, T, 3, H, D)
-  .unbind(2)``): NOT contiguous (row stride ``3*C``, head stride ``D``); only the last dimension
-  must be contiguous. The kernels read them through their strides, no copies.
-* ``k_cache, v_cache``: ``(B, H, S_max, D)`` contiguous (one layer of :class:`fastgpt.kv_cache.KVCache`).
+* ``q``: ``(B, T, H, D)``; ``k, v``: ``(B, T, H_kv, D)`` with ``H % H_kv == 0`` (grouped-query
+  attention: query head ``h`` reads K/V head ``h // (H / H_kv)``; ``H_kv == H`` is GPT-2's case).
+  Views of the fused QKV projection (GPT-2: ``qkv.view(B, T, 3, H, D).unbind(2)``; LLaMA-family:
+  ``qkv.split([H*D, H_kv*D, H_kv*D], -1)``): NOT contiguous (row stride ``(H + 2 H_kv) D``, head
+  stride ``D``); only the last dimension must be contiguous. The kernels read them through their
+  strides, no copies.
+* ``k_cache, v_cache``: ``(B, H_kv, S_max, D)`` contiguous (one layer of :class:`fastgpt.kv_cache.KVCache`).
+* ``rope``: None, or the ``(D/2,)`` float32 contiguous rotary inverse frequencies: q and the new
+  k are rotated (Hugging Face rotate-half, float32, rounded once) at positions ``slot -
+  row_start[b]`` clamped at 0, before the scores and before k is written into the cache, which
+  therefore holds rotated keys (:func:`fastgpt.reference.apply_rope`).
 * ``row_start``: ``(B,)`` int32 on the device; slot ``j`` of row ``b`` is valid when
   ``row_start[b] <= j`` (left padding). A negative value means the same as 0 (no padding).
 * output: ``(B, T, H, D)`` in q's dtype, any strides with a contiguous last dimension (``out=`` may
@@ -36,12 +43,13 @@ and is tested at 1e-3 relative error.
 Autotuning
 ----------
 On the GPU, both kernels are autotuned (``PREFILL_CONFIGS`` / ``PREFILL_CONFIGS_FP32`` keyed on
-head_dim, dtype and power-of-two buckets of T and B*H; ``DECODE_CONFIGS`` keyed on head_dim,
-dtype, chunk length and n_split -- never on ``cache_pos``). Under the Triton interpreter a single
+head_dim, dtype and power-of-two buckets of T and B*H; ``DECODE_CONFIGS`` (one query head per
+K/V head) and ``DECODE_GROUP_CONFIGS`` (grouped heads) keyed on head_dim, dtype, chunk length,
+n_split and rope on/off -- never on ``cache_pos``). Under the Triton interpreter a single
 small fixed config is used. Autotuning launches the kernel many times and synchronises, so it must
 not happen inside CUDA-graph capture: make one eager ``decode_attention`` call with the same
 shapes before capturing (the usual warm-up), or call ``warmup_decode``. A decode call made
-during capture whose (dtype, head_dim, chunk, n_split) was never tuned raises a RuntimeError
+during capture whose (dtype, head_dim, chunk, n_split, grouping, rope) was never tuned raises a RuntimeError
 saying so, instead of breaking the capture. The autotuner times each candidate with a short
 L2-flushing benchmark (:func:`_tune_bench`) so that a new shape bucket costs milliseconds, not
 seconds. Integer sizes are excluded from Triton's value specialisation (``do_not_specialize``), so
