@@ -180,7 +180,9 @@ def _decode_workspace(cache, n_head: int) -> dict:
     if workspace is None:  # eager decoding: allocated at the first step (see allocate_workspaces)
         from fastgpt.kernels import attention_decode
 
-        workspace = attention_decode.decode_workspace(cache.batch, n_head, cache.head_dim, cache.max_len, cache.device)
+        workspace = attention_decode.decode_workspace(
+            cache.batch, n_head, cache.head_dim, cache.max_len, cache.device, n_kv_head=cache.n_head
+        )
         cache.workspace["attention"] = workspace
     return workspace
 
@@ -298,7 +300,7 @@ def allocate_workspaces(
 
     if "attention" not in cache.workspace and cache.head_dim in SUPPORTED_HEAD_DIMS:
         cache.workspace["attention"] = attention_decode.decode_workspace(
-            cache.batch, n_head or cache.n_head, cache.head_dim, cache.max_len, cache.device
+            cache.batch, n_head or cache.n_head, cache.head_dim, cache.max_len, cache.device, n_kv_head=cache.n_head
         )
     if sampling.workspace is None:
         sampling.workspace = triton_sampling.sampling_workspace(cache.batch, vocab_size, cache.device)
