@@ -34,7 +34,10 @@ from .attention_common import (
 )
 from .utils import interpreting, note_launch
 
-__all__ = ["prefill_attention", "PREFILL_CONFIGS", "PREFILL_CONFIGS_FP32", "INTERPRETER_PREFILL_CONFIG"]
+__all__ = [
+    "prefill_attention", "prefill_configs", "PREFILL_CONFIGS", "PREFILL_CONFIGS_GQA", "PREFILL_CONFIGS_FP32",
+    "INTERPRETER_PREFILL_CONFIG",
+]
 
 # --------------------------------------------------------------------------------------------
 # Configurations: every config the autotuner may pick (the compile test iterates these).
@@ -47,6 +50,15 @@ __all__ = ["prefill_attention", "PREFILL_CONFIGS", "PREFILL_CONFIGS_FP32", "INTE
 PREFILL_CONFIGS: list[dict] = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+]
+#: Prefill configs for float16/bfloat16 with grouped-query heads (H_kv < H) or rope. Both add
+#: live registers to a kernel that PREFILL_CONFIGS already fill (248 of 255 at 64x64, 4 warps):
+#: the per-row (query slot, head) indexing, and the float32 sines, cosines and rotated halves of
+#: each key tile. Two warpgroups over a 64x32 tile have the headroom: no spills for any group in
+#: {1, ..., 8}, rope on or off, head_dim 64 or 128 (ptxas sm_90); 64x64 and 128x32 (8 warps)
+#: spilled 100-200 B at some groups, 128x64 as well without rope, and every 4-warp tile did.
+PREFILL_CONFIGS_GQA: list[dict] = [
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3),
 ]
 #: Prefill configs for float32 (IEEE FMA dots: small tiles, every operand lives in registers).
 #: float32 is the accuracy path, not a speed target: one config, so nothing is tuned or compiled twice.
@@ -81,40 +93,139 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _sincos(x):
+    """``(sin x, cos x)`` of a float32 tensor, to a few float32 ulps for ``|x| < ~1e5``.
+
+    Not ``tl.sin``/``tl.cos``: those call libdevice, whose Payne-Hanek path for huge arguments
+    keeps a 28-byte array in local memory (the spill check would count it) and which reduces the
+    argument twice. Here: one Cody-Waite reduction ``x = j * pi/2 + r``, ``|r| <= pi/4`` (pi/2
+    split in three float32 parts, so ``j * part`` is exact while ``j < 2**16``-ish), then
+    minimax polynomials of sin and cos on ``[-pi/4, pi/4]`` (the classic single-precision
+    coefficients) and the quadrant ``j mod 4`` picks and signs them.
+    """
+    jf = tl.floor(x * 0.6366197723675814 + 0.5)  # round(x * 2/pi)
+    r = tl.fma(jf, -1.57079601e00, x)
+    r = tl.fma(jf, -3.13916473e-07, r)
+    r = tl.fma(jf, -5.39030253e-15, r)
+    r2 = r * r
+    s = tl.fma(tl.fma(-1.95152959e-04, r2, 8.33216087e-03), r2, -1.66666546e-01)
+    s = tl.fma(s * r2, r, r)  # sin r
+    c = tl.fma(tl.fma(tl.fma(2.44331571e-05, r2, -1.38873163e-03), r2, 4.16666457e-02), r2, -0.5)
+    c = tl.fma(c, r2, 1.0)  # cos r
+    quadrant = jf.to(tl.int32) & 3
+    odd = (quadrant & 1) != 0  # quadrants 1, 3: sin x = +-cos r, cos x = -+sin r
+    sin_x = tl.where(odd, c, s)
+    cos_x = tl.where(odd, s, c)
+    sin_x = tl.where((quadrant & 2) != 0, -sin_x, sin_x)  # quadrants 2, 3
+    cos_x = tl.where(((quadrant + 1) & 2) != 0, -cos_x, cos_x)  # quadrants 1, 2
+    return sin_x, cos_x
+
+
+@triton.jit
+def _rope(x1, x2, pos, inv_freq):
+    """Rotate the halves ``x1, x2`` ``(R, D/2)`` of R head vectors at positions ``pos`` ``(R,)``.
+
+    Hugging Face's rotate-half convention (:func:`fastgpt.reference.apply_rope`): with
+    ``f = pos * inv_freq`` (float32), ``[x1, x2] -> [x1 cos f - x2 sin f, x2 cos f + x1 sin f]``,
+    computed in float32 and rounded once to x's dtype.
+    """
+    f = pos.to(tl.float32)[:, None] * inv_freq[None, :]  # (R, D/2)
+    sin_f, cos_f = _sincos(f)
+    a = x1.to(tl.float32)
+    b = x2.to(tl.float32)
+    return (a * cos_f - b * sin_f).to(x1.dtype), (b * cos_f + a * sin_f).to(x2.dtype)
+
+
+@triton.jit
+def _load_heads(base, row_off, ok, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """Load ``(R, D)`` head vectors at ``base + row_off[:, None] + d`` (rows with ``ok`` false read 0).
+
+    With ``ROPE`` the two halves come back as separate ``(R, D/2)`` tiles (the rotation mixes
+    them, and the dot over D is the sum of the dots over the halves); without it the second
+    result is the first (unused by the callers).
+    """
+    if ROPE:
+        offs_h = tl.arange(0, HEAD_DIM // 2)
+        ptrs = base + row_off[:, None] + offs_h[None, :]
+        x1 = tl.load(ptrs, mask=ok[:, None], other=0.0)
+        x2 = tl.load(ptrs + HEAD_DIM // 2, mask=ok[:, None], other=0.0)
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        x1 = tl.load(base + row_off[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+        x2 = x1
+    return x1, x2
+
+
+@triton.jit
+def _copy_kv_rows(
+    k_base, v_base, kc_base, vc_base, slots, ok, stride_kt, stride_vt, rope_origin, inv_freq,
+    HEAD_DIM: tl.constexpr, ROPE: tl.constexpr,
+):
+    """Copy the new ``k, v`` of cache ``slots`` ``(R,)`` (rows with ``ok``) into the cache, k rotated
+    at positions ``slot - rope_origin`` (clamped >= 0) when ``ROPE``."""
+    k1, k2 = _load_heads(k_base, slots * stride_kt, ok, HEAD_DIM, ROPE)
+    cache_row = slots * HEAD_DIM  # contiguous (S_max, D) slab
+    if ROPE:
+        k1, k2 = _rope(k1, k2, tl.maximum(slots - rope_origin, 0), inv_freq)
+        offs_h = tl.arange(0, HEAD_DIM // 2)
+        tl.store(kc_base + cache_row[:, None] + offs_h[None, :], k1, mask=ok[:, None])
+        tl.store(kc_base + cache_row[:, None] + HEAD_DIM // 2 + offs_h[None, :], k2, mask=ok[:, None])
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        tl.store(kc_base + cache_row[:, None] + offs_d[None, :], k1, mask=ok[:, None])
+    v, _ = _load_heads(v_base, slots * stride_vt, ok, HEAD_DIM, False)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(vc_base + cache_row[:, None] + offs_d[None, :], v, mask=ok[:, None])
+
+
+@triton.jit
 def _prefill_tile(
     acc,
     l_i,
     m_i,
     q,
+    q2,
     k_base,
     v_base,
     stride_kt,
     stride_vt,
-    offs_m,
-    offs_d,
+    offs_f,
     start_n,
     rs,
+    rope_origin,
+    inv_freq,
     T,
     qk_scale,
+    HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
     MASKED: tl.constexpr,
+    ROPE: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) with the key block [start_n, start_n + BLOCK_N).
 
-    ``MASKED`` blocks apply the causal and row_start masks to the scores; unmasked blocks are
-    known (from the caller's loop bounds) to hold only keys every query row may see.
+    ``offs_f`` (BLOCK_M,): the flat (query slot * GROUP + head in the group) index of each tile row. ``MASKED`` blocks apply the causal and
+    row_start masks to the scores; unmasked blocks are known (from the caller's loop bounds) to
+    hold only keys every query row may see. With ``ROPE``, ``q, q2`` are the rotated halves of
+    the queries and the keys are rotated here, as they are loaded (see the module docstring).
     """
-    offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key slots
     n_ok = offs_n < T
-    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    qk = _dot(q, tl.trans(k), IEEE, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
+    k, k2 = _load_heads(k_base, offs_n * stride_kt, n_ok, HEAD_DIM, ROPE)
+    v, _ = _load_heads(v_base, offs_n * stride_vt, n_ok, HEAD_DIM, False)
+    if ROPE:
+        k, k2 = _rope(k, k2, tl.maximum(offs_n - rope_origin, 0), inv_freq)
+        qk = _dot(q, tl.trans(k), IEEE, UPCAST) + _dot(q2, tl.trans(k2), IEEE, UPCAST)
+    else:
+        qk = _dot(q, tl.trans(k), IEEE, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
     if MASKED:
         # Causal (j <= i) and left padding (j >= row_start). Keys j >= T were loaded as 0;
         # they can only be "allowed" for query rows i >= T, which are never stored.
-        allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= rs)
+        # Row r's query slot is offs_f // GROUP, and j <= offs_f // GROUP  <=>  j * GROUP <= offs_f
+        # (no division in the loop).
+        allowed = (offs_n[None, :] * GROUP <= offs_f[:, None]) & (offs_n[None, :] >= rs)
         qk = tl.where(allowed, qk * qk_scale, float("-inf"))
     else:
         qk = qk * qk_scale
@@ -127,7 +238,7 @@ def _prefill_tile(
 
 
 # Sizes vary from call to call: do not let Triton compile a variant per "== 1" / "% 16" value.
-@triton.jit(do_not_specialize=["T", "H", "S_MAX", "T_BUCKET", "BH_BUCKET"])
+@triton.jit(do_not_specialize=["T", "H_KV", "S_MAX", "T_BUCKET", "BH_BUCKET"])
 def _prefill_kernel(
     q_ptr,
     k_ptr,
@@ -135,9 +246,10 @@ def _prefill_kernel(
     kc_ptr,
     vc_ptr,
     rs_ptr,
+    freq_ptr,  # (D/2,) float32 rotary inverse frequencies (read only when ROPE)
     out_ptr,
     T,
-    H,
+    H_KV,
     S_MAX,
     T_BUCKET,  # autotune key only (power-of-two bucket of T)
     BH_BUCKET,  # autotune key only (power-of-two bucket of B*H)
@@ -157,73 +269,100 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per K/V head (H / H_kv)
+    ROPE: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr = False,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_M must be a multiple of BLOCK_N")
-    bh = tl.program_id(0)
+    bh = tl.program_id(0)  # (row, K/V head)
     # Heaviest query block (most keys under the causal mask) first.
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    m0 = m_block * BLOCK_M
+    b = bh // H_KV
+    hk = bh % H_KV
+    # Tile row r is the flat (query slot, head in the group) index f0 + r = slot * GROUP + g.
+    f0 = m_block * BLOCK_M
+    offs_f = f0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    if GROUP == 1:
+        slot_m = offs_f  # GPT-2: exactly the ungrouped kernel
+        g_m = 0
+    else:
+        slot_m = offs_f // GROUP  # (BLOCK_M,) query slot of each row
+        g_m = offs_f % GROUP  # (BLOCK_M,) query head of each row within the group
+    m_ok = offs_f < T * GROUP
     # Batch/head base offsets in int64: B*T*3C or B*H*S_max*D can exceed 2**31.
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    rs = tl.maximum(tl.load(rs_ptr + b), 0)  # negative row_start == no padding
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query slots
-    offs_d = tl.arange(0, HEAD_DIM)  # (D,)
-    m_ok = offs_m < T
+    h64 = hk.to(tl.int64)
+    rope_origin = tl.load(rs_ptr + b)  # rotary position 0 (raw row_start, as rope_positions)
+    rs = tl.maximum(rope_origin, 0)  # negative row_start == no padding
+    if ROPE:
+        inv_freq = tl.load(freq_ptr + tl.arange(0, HEAD_DIM // 2))  # (D/2,) fp32
+    else:
+        inv_freq = tl.zeros([HEAD_DIM // 2], tl.float32)  # unused
     k_base = k_ptr + b64 * stride_kb + h64 * stride_kh
     v_base = v_ptr + b64 * stride_vb + h64 * stride_vh
 
-    # 1) This program's rows of the new K/V go into cache slots [m0, m0 + BLOCK_M).
-    cache_off = bh.to(tl.int64) * S_MAX * HEAD_DIM  # contiguous (B, H, S_max, D)
-    k_rows = tl.load(k_base + offs_m[:, None] * stride_kt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-    tl.store(kc_ptr + cache_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], k_rows, mask=m_ok[:, None])
-    v_rows = tl.load(v_base + offs_m[:, None] * stride_vt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-    tl.store(vc_ptr + cache_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], v_rows, mask=m_ok[:, None])
+    # 1) New K/V into the cache, each slot by exactly one program: the one whose tile holds the
+    #    slot's first query head (flat row slot * GROUP), i.e. slots [cdiv(f0, G), cdiv(f0 + BLOCK_M, G)).
+    cache_off = bh.to(tl.int64) * S_MAX * HEAD_DIM  # contiguous (B, H_kv, S_max, D)
+    if GROUP == 1:
+        slots = offs_f
+        slot_ok = m_ok
+    else:
+        # cdiv(BLOCK_M, GROUP) <= BLOCK_M slots: one BLOCK_M-row tile, the tail masked off.
+        w_hi = tl.minimum(tl.cdiv(f0 + BLOCK_M, GROUP), T)
+        slots = tl.cdiv(f0, GROUP) + tl.arange(0, BLOCK_M)
+        slot_ok = slots < w_hi
+    _copy_kv_rows(
+        k_base, v_base, kc_ptr + cache_off, vc_ptr + cache_off, slots, slot_ok, stride_kt, stride_vt,
+        rope_origin, inv_freq, HEAD_DIM, ROPE,
+    )
 
-    # 2) Flash attention over keys [row_start, min(m0 + BLOCK_M, T)), read from the k/v inputs.
-    q = tl.load(
-        q_ptr + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-        mask=m_ok[:, None],
-        other=0.0,
-    )  # (BLOCK_M, D)
+    # 2) Flash attention over keys [row_start, last query slot], read from the k/v inputs.
+    q, q2 = _load_heads(
+        q_ptr + b64 * stride_qb + (h64 * GROUP) * stride_qh, slot_m * stride_qt + g_m * stride_qh, m_ok,
+        HEAD_DIM, ROPE,
+    )  # (BLOCK_M, D), or its two (BLOCK_M, D/2) halves with ROPE
+    if ROPE:
+        q, q2 = _rope(q, q2, tl.maximum(slot_m - rope_origin, 0), inv_freq)
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    # Key blocks (BLOCK_M is a multiple of BLOCK_N, so m0 is block aligned):
-    #   A [lo, a_end):       the block holding row_start, when it lies before m0 (row_start mask)
-    #   B [a_end, m0):       valid for every query row of this block: no mask at all
-    #   C [max(lo, m0), hi): the diagonal blocks (causal mask; row_start too when it falls there)
+    # Query slots of this tile: [m_lo, m_hi); m_lo == f0 (a multiple of BLOCK_N) when GROUP == 1.
+    # Key blocks (BLOCK_N aligned; c_start: the block holding m_lo):
+    #   A [lo, a_end):            the block holding row_start, when it lies before c_start (row_start mask)
+    #   B [a_end, c_start):       valid for every query row of this tile: no mask at all
+    #   C [max(lo, c_start), hi): the diagonal blocks (causal mask; row_start too when it falls there)
     # Blocks before lo hold only padding and are skipped. A is at most one block; it runs as the
     # first iteration of C's masked loop, so the kernel has two loops to compile, not three.
+    m_lo = f0 // GROUP
+    hi = tl.minimum((f0 + BLOCK_M - 1) // GROUP + 1, T)
+    c_start = (m_lo // BLOCK_N) * BLOCK_N
     lo = (rs // BLOCK_N) * BLOCK_N
-    a_end = tl.minimum(tl.cdiv(rs, BLOCK_N) * BLOCK_N, m0)
-    hi = tl.minimum(m0 + BLOCK_M, T)
-    for start_n in range(tl.maximum(a_end, lo), m0, BLOCK_N):
+    a_end = tl.minimum(tl.cdiv(rs, BLOCK_N) * BLOCK_N, c_start)
+    for start_n in range(tl.maximum(a_end, lo), c_start, BLOCK_N):
         acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-            start_n, rs, T, qk_scale, BLOCK_N, False, IEEE, UPCAST,
+            acc, l_i, m_i, q, q2, k_base, v_base, stride_kt, stride_vt, offs_f, start_n, rs, rope_origin,
+            inv_freq, T, qk_scale, HEAD_DIM, BLOCK_N, GROUP, False, ROPE, IEEE, UPCAST,
         )
     has_a = (a_end > lo).to(tl.int32)  # 0 or 1
-    c_lo = tl.maximum(lo, m0)
+    c_lo = tl.maximum(lo, c_start)
     n_masked = has_a + tl.cdiv(tl.maximum(hi - c_lo, 0), BLOCK_N)
     for i in range(0, n_masked):
         start_n = tl.where(i < has_a, lo, c_lo + (i - has_a) * BLOCK_N)
         acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-            start_n, rs, T, qk_scale, BLOCK_N, True, IEEE, UPCAST,
+            acc, l_i, m_i, q, q2, k_base, v_base, stride_kt, stride_vt, offs_f, start_n, rs, rope_origin,
+            inv_freq, T, qk_scale, HEAD_DIM, BLOCK_N, GROUP, True, ROPE, IEEE, UPCAST,
         )
 
     # Pad queries (slot < row_start) saw no key: l_i == 0 and acc == 0, so they output 0.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_row = slot_m * stride_ot + g_m * stride_oh
     tl.store(
-        out_ptr + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        out_ptr + b64 * stride_ob + (h64 * GROUP) * stride_oh + o_row[:, None] + offs_d[None, :],
         o.to(out_ptr.dtype.element_ty),
         mask=m_ok[:, None],
     )
@@ -231,12 +370,30 @@ def _prefill_kernel(
 
 # The autotuned kernel (the interpreter calls the raw kernel with one fixed config instead).
 # The tuner adds every tensor argument's dtype to the key by itself.
-_prefill_tuned = triton.autotune(
-    configs=_triton_configs(PREFILL_CONFIGS), key=["HEAD_DIM", "T_BUCKET", "BH_BUCKET"], do_bench=_tune_bench
+_TUNE_KEY = ["HEAD_DIM", "GROUP", "ROPE", "T_BUCKET", "BH_BUCKET"]
+_prefill_tuned = triton.autotune(configs=_triton_configs(PREFILL_CONFIGS), key=_TUNE_KEY, do_bench=_tune_bench)(
+    _prefill_kernel
+)
+_prefill_tuned_gqa = triton.autotune(
+    configs=_triton_configs(PREFILL_CONFIGS_GQA), key=_TUNE_KEY, do_bench=_tune_bench
 )(_prefill_kernel)
 _prefill_tuned_fp32 = triton.autotune(
-    configs=_triton_configs(PREFILL_CONFIGS_FP32), key=["HEAD_DIM", "T_BUCKET", "BH_BUCKET"], do_bench=_tune_bench
+    configs=_triton_configs(PREFILL_CONFIGS_FP32), key=_TUNE_KEY, do_bench=_tune_bench
 )(_prefill_kernel)
+
+
+def prefill_configs(dtype: torch.dtype, group: int, rope: bool) -> list[dict]:
+    """The autotune configs of a call: float32 -> PREFILL_CONFIGS_FP32; 16-bit with grouped heads
+    (``group = H / H_kv > 1``) or rope -> PREFILL_CONFIGS_GQA; GPT-2's case -> PREFILL_CONFIGS."""
+    if dtype == torch.float32:
+        return PREFILL_CONFIGS_FP32
+    return PREFILL_CONFIGS_GQA if group > 1 or rope else PREFILL_CONFIGS
+
+
+def _tuned_kernel(dtype: torch.dtype, group: int, rope: bool):
+    if dtype == torch.float32:
+        return _prefill_tuned_fp32
+    return _prefill_tuned_gqa if group > 1 or rope else _prefill_tuned
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,71 +408,83 @@ def prefill_attention(
     row_start: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
+    rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ``k, v`` into cache slots ``[0, T)`` and return causal attention of the T queries.
 
     Parameters
     ----------
-    q, k, v : (B, T, H, D) tensors, float16/bfloat16/float32, last dimension contiguous (any other
-        strides, e.g. views of the fused QKV projection). ``D`` in {64, 128}; ``T <= S_max``.
-    k_cache, v_cache : (B, H, S_max, D) contiguous, same dtype and device; slots ``[0, T)`` are
-        overwritten (in the same launch as the attention).
+    q : (B, T, H, D) tensor, float16/bfloat16/float32, last dimension contiguous (any other
+        strides, e.g. a view of the fused QKV projection). ``D`` in {64, 128}; ``T <= S_max``.
+    k, v : (B, T, H_kv, D), same dtype, last dimension contiguous; ``H_kv`` divides ``H``
+        (grouped-query attention: query head ``h`` reads K/V head ``h // (H // H_kv)``).
+    k_cache, v_cache : (B, H_kv, S_max, D) contiguous, same dtype and device; slots ``[0, T)`` are
+        overwritten (in the same launch as the attention), k rotated when ``rope`` is given.
     row_start : (B,) int32 on the same device: first valid slot of each row (left padding).
     out : optional (B, T, H, D) destination, last dimension contiguous (may be a view of a
         ``(B, T, H*D)`` buffer).
+    rope : optional (D/2,) float32 contiguous rotary inverse frequencies: q and k are rotated at
+        positions ``slot - row_start`` (clamped >= 0) before the scores and the cache write
+        (:func:`fastgpt.reference.apply_rope`).
 
     Returns
     -------
     torch.Tensor
         (B, T, H, D) in q's dtype (``out`` when given); zeros for pad queries (slot < row_start).
     """
-    B, T, H, D, S_max = _check_qkv_and_cache(q, k, v, k_cache, v_cache, row_start, out, decode=False)
-    ieee = q.dtype == torch.float32
+    B, T, H, D, S_max = _check_qkv_and_cache(q, k, v, k_cache, v_cache, row_start, out, decode=False, rope=rope)
+    H_kv = k.shape[2]
+    group = H // H_kv
     if interpreting():
         min_block_m = INTERPRETER_PREFILL_CONFIG["BLOCK_M"]
     else:
-        min_block_m = min(c["BLOCK_M"] for c in (PREFILL_CONFIGS_FP32 if ieee else PREFILL_CONFIGS))
-    if B * H > _INT32_MAX or triton.cdiv(T, min_block_m) > 65535:
+        min_block_m = min(c["BLOCK_M"] for c in prefill_configs(q.dtype, group, rope is not None))
+    if B * H_kv > _INT32_MAX or triton.cdiv(T * group, min_block_m) > 65535:
         raise ValueError(
-            f"grid too large: batch * n_head must be < 2**31 (got {B * H}) and T <= {65535 * min_block_m} (got {T})"
+            f"grid too large: batch * n_kv_head must be < 2**31 (got {B * H_kv}) and T * (n_head / n_kv_head) "
+            f"<= {65535 * min_block_m} (got {T} * {group})"
         )
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _launch_prefill(q, k, v, k_cache, v_cache, row_start, out)
+    _launch_prefill(q, k, v, k_cache, v_cache, row_start, out, rope=rope)
     note_launch("attention_prefill", "triton", tokens=T)
     return out
 
 
-def _launch_prefill(q, k, v, k_cache, v_cache, row_start, out, config: dict | None = None) -> None:
+def _launch_prefill(q, k, v, k_cache, v_cache, row_start, out, config: dict | None = None, rope=None) -> None:
     """Launch the prefill kernel on validated inputs.
 
-    ``config`` (tests only) pins one entry of ``PREFILL_CONFIGS``/``PREFILL_CONFIGS_FP32`` instead of
-    the autotuner (or of ``INTERPRETER_PREFILL_CONFIG`` under the interpreter).
+    ``config`` (tests only) pins one config (of :func:`prefill_configs`' lists) instead of the autotuner (or of ``INTERPRETER_PREFILL_CONFIG`` under the interpreter).
     """
     B, T, H, D = q.shape
+    H_kv = k.shape[2]
     S_max = k_cache.shape[2]
     ieee = q.dtype == torch.float32
     args = (
-        q, k, v, k_cache, v_cache, row_start, out,
-        T, H, S_max, _bucket(T, 16, 8192), _bucket(B * H, 1, 1024),
+        q, k, v, k_cache, v_cache, row_start,
+        row_start if rope is None else rope,  # freq_ptr: never read without ROPE
+        out,
+        T, H_kv, S_max, _bucket(T, 16, 8192), _bucket(B * H, 1, 1024),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         _LOG2E / math.sqrt(D),
     )
+    group = H // H_kv
 
     def grid(meta):
-        return (B * H, triton.cdiv(T, meta["BLOCK_M"]))
+        # One program per (row, K/V head, BLOCK_M rows of the flat (query slot, head in the group)).
+        return (B * H_kv, triton.cdiv(T * group, meta["BLOCK_M"]))
 
     if config is None and interpreting():
         config = INTERPRETER_PREFILL_CONFIG
+    constexprs = dict(HEAD_DIM=D, GROUP=group, ROPE=rope is not None, IEEE=ieee)
     if config is not None:
         _prefill_kernel[grid](
-            *args, HEAD_DIM=D, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], IEEE=ieee,
+            *args, **constexprs, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
             UPCAST=interpreting() and q.dtype == torch.bfloat16,
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
     else:
-        tuned = _prefill_tuned_fp32 if ieee else _prefill_tuned
-        tuned[grid](*args, HEAD_DIM=D, IEEE=ieee)
+        _tuned_kernel(q.dtype, group, rope is not None)[grid](*args, **constexprs)

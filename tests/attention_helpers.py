@@ -95,17 +95,43 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype, what: str = "") ->
     )
 
 
-def prefill_reference(q, k, v, S_max: int, row_start) -> torch.Tensor:
+def prefill_reference(q, k, v, S_max: int, row_start, rope=None) -> torch.Tensor:
+    """float64 :func:`reference.attention` of a prefill (cache slots ``[0, T)``); ``k, v`` may have
+    fewer heads than ``q`` (grouped-query attention)."""
+    return prefill_reference_and_cache(q, k, v, S_max, row_start, rope)[0]
+
+
+def prefill_reference_and_cache(q, k, v, S_max: int, row_start, rope=None):
+    """``(out, k_cache, v_cache)`` of :func:`reference.attention` in float64 on zeroed ``(B, H_kv,
+    S_max, D)`` caches (with ``rope``: the cache holds the rotated keys)."""
     B, T, H, D = q.shape
-    kc = torch.zeros(B, H, S_max, D, dtype=torch.float64, device=q.device)
+    kc = torch.zeros(B, k.shape[2], S_max, D, dtype=torch.float64, device=q.device)
     vc = torch.zeros_like(kc)
-    return reference.attention(q.double(), k.double(), v.double(), kc, vc, 0, row_start)
+    out = reference.attention(q.double(), k.double(), v.double(), kc, vc, 0, row_start, rope=rope)
+    return out, kc, vc
+
+
+def gqa_qkv(B: int, T: int, H: int, H_kv: int, D: int, dtype, device=DEVICE):
+    """q (B, T, H, D) and k, v (B, T, H_kv, D): views of one fused (B, T, (H + 2 H_kv) D) projection,
+    as a grouped-query model's QKV projection makes them."""
+    qkv = torch.randn(B, T, (H + 2 * H_kv) * D, device=device, dtype=torch.float32).to(dtype)
+    q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=-1)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D)
+    assert q.stride(1) == (H + 2 * H_kv) * D and k.stride(-1) == 1  # not contiguous
+    return q, k, v
+
+
+def rope_frequencies(D: int, device=DEVICE, theta: float = 10000.0) -> torch.Tensor:
+    """(D/2,) float32 rotary inverse frequencies: Hugging Face's default ``theta ** (-2i / D)``
+    (from 1 rad per position down to ~1/theta), each jittered by a random factor in [0.5, 1.5)."""
+    base = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    return (base * (0.5 + torch.rand(D // 2, dtype=torch.float64))).to(device=device, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
 # sm_90 compilation (subprocess workers, see tests.kernel_helpers.run_compile_workers)
 # --------------------------------------------------------------------------------------------
-_POINTER_TYPES = {"rs_ptr": "*i32", "pos_ptr": "*i32", "o_part_ptr": "*fp32", "m_part_ptr": "*fp32", "l_part_ptr": "*fp32"}
+_POINTER_TYPES = {"rs_ptr": "*i32", "freq_ptr": "*fp32", "pos_ptr": "*i32", "o_part_ptr": "*fp32", "m_part_ptr": "*fp32", "l_part_ptr": "*fp32"}
 
 
 def _compile_worker() -> None:
@@ -124,6 +150,8 @@ def _compile_worker() -> None:
         constexprs = {"HEAD_DIM": head_dim, **meta}
         if kind == "prefill":
             constexprs.update(IEEE=dt == "fp32", UPCAST=False)
+            constexprs.setdefault("GROUP", 1)  # grouped-query heads and rope: spec'd in the config dict
+            constexprs.setdefault("ROPE", False)
         if kind == "decode":
             constexprs.update(USE_PDL=True)  # the decode step's kernel, as it runs on sm_90
         signature = {}

@@ -15,8 +15,8 @@ import torch
 
 from fastgpt.kernels import attention_prefill as AP
 from tests.attention_helpers import (
-    DEVICE, DTYPES, F16, F32, assert_close, check_compiled, cuda_case, fused_qkv, launches,
-    make_row_start, nan_like, prefill_reference,
+    BF16, DEVICE, DTYPES, F16, F32, assert_close, check_compiled, cuda_case, fused_qkv, gqa_qkv, launches,
+    make_row_start, nan_like, prefill_reference, prefill_reference_and_cache, rope_frequencies,
 )
 from tests.kernel_helpers import run_compile_workers
 
@@ -96,6 +96,85 @@ def test_prefill_negative_row_start_means_no_padding():
 
 
 # --------------------------------------------------------------------------------------------
+# Grouped-query heads and rotary embedding
+# --------------------------------------------------------------------------------------------
+def _run_prefill(q, k, v, S_max, row_start, rope, config=None):
+    """Launch on NaN-poisoned output and caches; returns (out, k_cache, v_cache)."""
+    B, T, H, D = q.shape
+    k_cache = torch.full((B, k.shape[2], S_max, D), float("nan"), dtype=q.dtype, device=DEVICE)
+    v_cache = nan_like(k_cache)
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEVICE)
+    if config is None:
+        assert AP.prefill_attention(q, k, v, k_cache, v_cache, row_start, out=out, rope=rope) is out
+    else:
+        AP._launch_prefill(q, k, v, k_cache, v_cache, row_start, out, config=config, rope=rope)
+    return out, k_cache, v_cache
+
+
+def _check_prefill(out, k_cache, v_cache, q, k, v, row_start, rope, what):
+    T, dtype = q.shape[1], q.dtype
+    S_max = k_cache.shape[2]
+    ref, k_ref, v_ref = prefill_reference_and_cache(q, k, v, S_max, row_start, rope)
+    assert_close(out, ref, dtype, f"{what} output")
+    # Slots [0, T) hold the (rotated) keys and the values; later slots are untouched. The kernel
+    # rounds the float32 rotation once, so rotated keys match the float64 ones to the dtype's
+    # tolerance; without rope the copy is exact.
+    if rope is None:
+        assert torch.equal(k_cache[:, :, :T], k.transpose(1, 2)), f"{what}: k cache"
+    else:
+        assert_close(k_cache[:, :, :T], k_ref[:, :, :T], dtype, f"{what} rotated k cache")
+    assert torch.equal(v_cache[:, :, :T], v.transpose(1, 2)), f"{what}: v cache"
+    assert k_cache[:, :, T:].isnan().all() and v_cache[:, :, T:].isnan().all(), f"{what}: slots >= T written"
+
+
+# (B, T, H, H_kv, D, pad, rope, dtype). The interpreter's tile is 16 flat (query slot, head) rows
+# by 16 keys: T * H / H_kv spans several tiles whose query slots straddle tile edges (9/3, 14/2)
+# and several key blocks; no T is a multiple of 16.
+GQA_CPU = [
+    (2, 21, 9, 3, 64, True, True, F32),  # SmolLM2's grouping
+    (2, 21, 9, 3, 64, True, False, F16),
+    (3, 19, 4, 1, 128, True, True, F32),  # multi-query
+    (1, 13, 4, 1, 64, False, True, BF16),
+    (2, 17, 8, 2, 64, True, True, F16),
+    (2, 11, 14, 2, 64, True, True, F32),  # Qwen2.5-0.5B's grouping
+    (1, 37, 2, 2, 128, False, True, F32),  # no grouping, rope on (GPT-2-shaped heads)
+    (2, 9, 12, 2, 128, True, False, BF16),
+]
+GQA_CUDA = [
+    (B, T, H, H_kv, D, B > 1, rope, dtype)
+    for (H, H_kv, D) in ((9, 3, 64), (14, 2, 64), (12, 2, 128), (32, 8, 64), (24, 8, 128), (32, 8, 128), (8, 1, 128))
+    for (B, T) in ((1, 1), (3, 77), (2, 1000))
+    for rope in (False, True)
+    for dtype in DTYPES
+]
+
+
+@pytest.mark.parametrize(
+    "B,T,H,H_kv,D,pad,rope,dtype",
+    [pytest.param(*c) for c in GQA_CPU] + [cuda_case(*c) for c in GQA_CUDA],
+    ids=lambda x: str(x).replace("torch.", "") if isinstance(x, torch.dtype) else None,
+)
+def test_grouped_prefill_with_rope_matches_reference(launches, B, T, H, H_kv, D, pad, rope, dtype):
+    q, k, v = gqa_qkv(B, T, H, H_kv, D, dtype)
+    row_start = make_row_start(B, T, pad)
+    inv_freq = rope_frequencies(D) if rope else None
+    out, k_cache, v_cache = _run_prefill(q, k, v, T + 3, row_start, inv_freq)
+    assert launches["_prefill_kernel"] == 1
+    _check_prefill(out, k_cache, v_cache, q, k, v, row_start, inv_freq, f"H {H} / H_kv {H_kv}, rope {rope}")
+
+
+def test_rope_positions_count_from_the_raw_row_start(launches):
+    """A negative row_start means no padding for the masks, but the rotary positions are
+    ``slot - row_start`` (clamped >= 0) exactly as :func:`reference.rope_positions` says."""
+    B, T, H, H_kv, D = 3, 10, 6, 2, 64
+    q, k, v = gqa_qkv(B, T, H, H_kv, D, F32)
+    row_start = torch.tensor([-3, 0, 4], dtype=torch.int32, device=DEVICE)
+    inv_freq = rope_frequencies(D)
+    out, k_cache, v_cache = _run_prefill(q, k, v, T, row_start, inv_freq)
+    _check_prefill(out, k_cache, v_cache, q, k, v, row_start, inv_freq, "negative row_start")
+
+
+# --------------------------------------------------------------------------------------------
 # Every autotune config, pinned (the interpreter runs the GPU tile sizes too, on small shapes)
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
@@ -144,7 +223,7 @@ PREFILL_BAD = [
     ("q last dim strided", lambda a: a.update(q=a["q"].transpose(2, 3)), ValueError, "q must be contiguous in its last"),
     ("head_dim 32", _head_dim_32, ValueError, "head_dim"),
     ("k dtype differs", lambda a: a.update(k=a["k"].float()), TypeError, "k must have dtype"),
-    ("v shape differs", lambda a: a.update(v=a["v"][:, :4]), ValueError, "v must have q's shape"),
+    ("v shape differs", lambda a: a.update(v=a["v"][:, :4]), ValueError, "v must have k's shape"),
     ("k_cache wrong heads", lambda a: a.update(k_cache=torch.zeros(2, 2, 8, 64, dtype=F16, device=DEVICE)), ValueError, "k_cache must be"),
     ("k_cache not contiguous", lambda a: a.update(k_cache=a["k_cache"].transpose(0, 1).contiguous().transpose(0, 1)), ValueError, "k_cache must be contiguous"),
     ("v_cache S_max differs", lambda a: a.update(v_cache=torch.zeros(2, 3, 9, 64, dtype=F16, device=DEVICE)), ValueError, "v_cache must have k_cache's shape"),
