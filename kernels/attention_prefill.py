@@ -1,18 +1,58 @@
-"""Fused causal attention prefill over the preallocated KV cache (Triton).
+"""Fused causal attention prefill over the preallocated KV cache (Triton), with grouped-query
+heads and rotary position embedding.
 
 Shapes, dtypes, the online-softmax maths and the autotuning rules are in
 :mod:`fastgpt.kernels.attention_common`; semantics: :func:`fastgpt.reference.attention`.
 
 Prefill (:func:`prefill_attention`, cache slots ``[0, T)``)
 --------------------------------------------------------------
-Grid ``(B*H, cdiv(T, BLOCK_M))``, one program per (row, head, block of BLOCK_M queries), heaviest
-(last) query block first for causal load balance. Each program first copies its own BLOCK_M rows
-of ``k, v`` into the cache (so the cache write is part of the same launch, with no separate copy
-kernel), then runs a flash-attention forward over keys read from the ``k, v`` inputs themselves
-(never from the cache, which other programs of the same launch are writing: no race). Key blocks
-entirely before ``row_start`` are skipped, blocks entirely below the diagonal and after
-``row_start`` run without any score mask, and only the (at most one) block straddling
-``row_start`` and the diagonal blocks are masked. ``T x T`` is never materialised.
+``q`` is ``(B, T, H, D)``; ``k, v`` are ``(B, T, H_kv, D)`` and the caches ``(B, H_kv, S_max, D)``
+with ``G = H / H_kv`` query heads per K/V head (query head ``h`` reads K/V head ``h // G``;
+GPT-2 has ``G = 1``, Llama-3 ``G = 4``, SmolLM2 3, Qwen2.5-0.5B 7).
+
+Grid ``(B*H_kv, cdiv(T*G, BLOCK_M))``: one program per (row, K/V head, block of BLOCK_M tile rows),
+heaviest (last) block first for causal load balance. The tile rows are the flat index
+``f = slot * G + g`` over (query slot, query head ``g`` of the group), so one program handles
+every query head of its group and reads each K/V tile once for all of them (the point of
+grouped-query attention: K/V traffic shrinks by G), and no row is padding whatever G is (3 and 7
+are not powers of two; padding the group to 4 or 8 would waste a quarter or an eighth of every
+dot). Row ``f`` sees key ``j`` when ``row_start <= j <= f // G``; a tile's query slots run from
+``f0 // G`` to ``(f0 + BLOCK_M - 1) // G``, so only the key blocks reaching into that range are
+masked. With ``G = 1`` this is the ungrouped kernel with GPT-2's configs: ``G`` is a constexpr,
+the grouped index maths sits behind ``GROUP == 1`` branches, and the sm_90 code matches the
+ungrouped kernel's (same registers; identical SASS at float16, three integer instructions apart at
+bfloat16).
+
+Each program first copies new ``k, v`` rows into the cache (so the cache write is part of the same
+launch, with no separate copy kernel): the slots whose first query head (``g = 0``) is one of its
+tile rows, ``[cdiv(f0, G), cdiv(f0 + BLOCK_M, G))``; these ranges partition ``[0, T)``, so every
+slot has exactly one writer. It then runs a flash-attention forward over keys read from the
+``k, v`` inputs themselves (never from the cache, which other programs of the same launch are
+writing: no race). Key blocks entirely before ``row_start`` are skipped, blocks entirely below the
+tile's first query slot and after ``row_start`` run without any score mask, and only the (at
+most one) block straddling ``row_start`` and the diagonal blocks are masked. ``T x T`` is never
+materialised.
+
+Rotary embedding (``rope``: the ``(D/2,)`` float32 inverse frequencies)
+-----------------------------------------------------------------------
+Applied in the prologue of the same launch, where q and k are loaded anyway, with Hugging Face's
+rotate-half convention (:func:`fastgpt.reference.apply_rope`) at positions ``slot - row_start``
+clamped >= 0 (the raw row_start: a negative one shifts the positions as in the reference, though
+it masks nothing). The halves ``x1, x2`` of each head vector are loaded as two ``(rows, D/2)``
+tiles, rotated in float32 (``f = pos * inv_freq``, ``[x1 cos f - x2 sin f, x2 cos f + x1 sin f]``)
+and rounded once to the dtype; ``q . k`` is then the sum of the two half-width dots, so the
+rotated halves never need to be concatenated. The queries are rotated once per program; the keys
+each time a program loads a key tile (a program cannot read another's rotated keys from the cache
+within the launch), which costs ``BLOCK_N * D/2`` sine/cosine pairs per tile against
+``BLOCK_M * BLOCK_N * D`` multiply-adds of each dot. The cache receives the rotated k (written by
+its one writer, with the same rounding the scores use) and v unchanged. Sines and cosines come from
+a local Cody-Waite reduction and minimax polynomials (:func:`_sincos`), accurate to float32 for
+angles below ~1e5 rad (positions up to ~1e5 at the largest frequency, 1): libdevice's would keep
+a Payne-Hanek table in local memory, which the no-spill compile check forbids.
+
+Configs: GPT-2's case (``G = 1``, no rope) keeps ``PREFILL_CONFIGS``; grouped heads or rope in 16
+bits use ``PREFILL_CONFIGS_GQA`` (their extra registers spilled the 4-warp tiles); float32 always
+uses ``PREFILL_CONFIGS_FP32``. The autotune key includes G and rope.
 """
 
 from __future__ import annotations

@@ -6,9 +6,17 @@ kernel's ``run`` proves the Triton path ran (there is no fallback to hide behind
 the kernel runs in the Triton interpreter on a small, representative subset (several key blocks,
 left padding, all-pad rows, every autotune config at a tiny size); the full shape matrix is marked
 ``cuda``. Tolerances: tests/attention_helpers.py.
+
+Grouped-query heads (``H_kv < H``: 9/3, 4/1, 8/2, 14/2, 12/2) and rotary embedding (random
+positive frequencies around Hugging Face's defaults) are checked the same way, the cache holding
+the rotated keys; the group rarely divides the tile, so query slots straddle tile edges. The
+sm_90 compile check covers a representative subset by default and every (dtype, head_dim,
+group, rope) with ``FASTGPT_COMPILE_MATRIX=1``.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -200,6 +208,32 @@ def test_prefill_every_config(launches, dtype, config):
     assert torch.equal(k_cache[:, :, :T], k.transpose(1, 2)) and k_cache[:, :, T:].isnan().all()
 
 
+@pytest.mark.parametrize(
+    "dtype,group,config",
+    [(F16, 3, c) for c in AP.PREFILL_CONFIGS_GQA] + [(F32, 7, c) for c in AP.PREFILL_CONFIGS_FP32],
+    ids=lambda x: str(x) if not isinstance(x, dict) else "{BLOCK_M}x{BLOCK_N}w{num_warps}s{num_stages}".format(**x),
+)
+def test_grouped_rope_prefill_every_config(launches, dtype, group, config):
+    # Two and a bit tiles of flat (query slot, head) rows; the group does not divide BLOCK_M, so
+    # query slots straddle the tile edges. Rows: no padding, row_start in the first key block,
+    # row_start past the first tile's queries, all padding.
+    B, H_kv, D = 4, 1, 64
+    T = 2 * config["BLOCK_M"] // group + 3
+    q, k, v = gqa_qkv(B, T, group * H_kv, H_kv, D, dtype)
+    row_start = torch.tensor([0, 3, config["BLOCK_M"] // group + 2, T], dtype=torch.int32, device=DEVICE)
+    inv_freq = rope_frequencies(D)
+    out, k_cache, v_cache = _run_prefill(q, k, v, T + 2, row_start, inv_freq, config=config)
+    assert launches["_prefill_kernel"] == 1
+    _check_prefill(out, k_cache, v_cache, q, k, v, row_start, inv_freq, f"prefill {config}")
+
+
+def test_configs_follow_dtype_group_and_rope():
+    assert AP.prefill_configs(F16, 1, False) is AP.PREFILL_CONFIGS  # GPT-2: unchanged
+    assert AP.prefill_configs(BF16, 4, False) is AP.PREFILL_CONFIGS_GQA
+    assert AP.prefill_configs(F16, 1, True) is AP.PREFILL_CONFIGS_GQA
+    assert AP.prefill_configs(F32, 8, True) is AP.PREFILL_CONFIGS_FP32
+
+
 # --------------------------------------------------------------------------------------------
 # Bad inputs: a clear error naming the argument, raised before any kernel runs
 # --------------------------------------------------------------------------------------------
@@ -214,6 +248,11 @@ def _head_dim_32(a):
     q, k, v = fused_qkv(2, 5, 3, 32, F16)
     kc = torch.zeros(2, 3, 8, 32, dtype=F16, device=DEVICE)
     a.update(q=q, k=k, v=v, k_cache=kc, v_cache=kc.clone())
+
+
+def _grouped_cache_mismatch(a):
+    q, k, v = gqa_qkv(2, 5, 6, 2, 64, F16)  # 3 query heads per K/V head
+    a.update(q=q, k=k, v=v)  # the caches keep q's 3 heads instead of k's 2
 
 
 PREFILL_BAD = [
@@ -234,6 +273,14 @@ PREFILL_BAD = [
     ("row_start 2-D", lambda a: a.update(row_start=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)), ValueError, "row_start must have 1 dimensions"),
     ("out wrong shape", lambda a: a.update(out=torch.empty(2, 5, 3, 32, dtype=F16, device=DEVICE)), ValueError, "out must have shape"),
     ("out wrong dtype", lambda a: a.update(out=torch.empty(2, 5, 3, 64, dtype=F32, device=DEVICE)), TypeError, "out must have dtype"),
+    ("k heads do not divide q's", lambda a: a.update(k=a["k"][:, :, :2], v=a["v"][:, :, :2]), ValueError, "H_kv dividing q's 3 heads"),
+    ("v fewer heads than k", lambda a: a.update(v=a["v"][:, :, :1]), ValueError, "v must have k's shape"),
+    ("cache heads differ from k's", _grouped_cache_mismatch, ValueError, "k_cache must be"),
+    ("rope wrong length", lambda a: a.update(rope=torch.ones(64, device=DEVICE)), ValueError, "rope must be the contiguous"),
+    ("rope float16", lambda a: a.update(rope=torch.ones(32, dtype=F16, device=DEVICE)), TypeError, "rope must have dtype"),
+    ("rope 2-D", lambda a: a.update(rope=torch.ones(1, 32, device=DEVICE)), ValueError, "rope must have 1 dimensions"),
+    ("rope strided", lambda a: a.update(rope=torch.ones(64, device=DEVICE)[::2]), ValueError, "rope must be the contiguous"),
+    ("rope not a tensor", lambda a: a.update(rope=[1.0] * 32), TypeError, "rope must be a torch.Tensor"),
 ]
 
 
@@ -260,11 +307,40 @@ def test_cpu_tensors_are_rejected_on_a_gpu_machine(launches):
 # --------------------------------------------------------------------------------------------
 # sm_90 compilation
 # --------------------------------------------------------------------------------------------
+def _compile_specs(dtypes, head_dims, groups, ropes) -> list:
+    """One spec per (dtype, head_dim, group, rope) and config of :func:`AP.prefill_configs`."""
+    names = {F16: "fp16", BF16: "bf16", F32: "fp32"}
+    return [
+        ("prefill", names[dtype], head_dim, dict(c, GROUP=group, ROPE=rope))
+        for dtype in dtypes
+        for head_dim in head_dims
+        for group in groups
+        for rope in ropes
+        for c in AP.prefill_configs(dtype, group, rope)
+    ]
+
+
 def test_every_prefill_config_compiles_for_sm90_without_spills():
-    """16-bit configs at bfloat16/128, float32 ones at float32/128 (the IEEE FMA dots need the most
-    registers); a head_dim of 64 only shrinks the tiles."""
-    specs = [("prefill", "bf16", 128, c) for c in AP.PREFILL_CONFIGS]
-    specs += [("prefill", "fp32", 128, c) for c in AP.PREFILL_CONFIGS_FP32]
+    """Every config at head_dim 128, where registers run out first (64 only shrinks the tiles), at
+    bfloat16 and float32, for GPT-2's case and the grouped / rotary kernels whose extra registers
+    decided their configs (group 7: the odd one that spilled first). The full matrix is below."""
+    specs = _compile_specs([BF16], [128], [1], [False])
+    specs += _compile_specs([BF16], [128], [7], [True]) + _compile_specs([BF16], [128], [8], [False])
+    specs += _compile_specs([F32], [128], [1], [False]) + _compile_specs([F32], [128], [7], [True])
+    check_compiled(run_compile_workers("attention_helpers", specs))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("FASTGPT_COMPILE_MATRIX") != "1",
+    reason="the full sm_90 compile matrix takes ~5 minutes on 2 cores: set FASTGPT_COMPILE_MATRIX=1",
+)
+def test_every_prefill_variant_compiles_for_sm90_without_spills():
+    """The whole matrix (88 compiles): float16/bfloat16/float32, head_dim 64 and 128, every group
+    of the supported models (H / H_kv in {1, 2, 3, 4, 6, 7, 8}), rope on and off. Run it after
+    touching the kernel or its configs: ptxas's register allocation is close to the limit and
+    changes with the group's divisor constants, so one group passing says little about another."""
+    specs = _compile_specs([F16, BF16, F32], [64, 128], [1, 2, 3, 4, 6, 7, 8], [False, True])
     check_compiled(run_compile_workers("attention_helpers", specs))
 
 
@@ -273,5 +349,7 @@ def test_autotuner_configs_are_the_exported_lists():
         return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tuner.configs]
 
     assert listed(AP._prefill_tuned) == AP.PREFILL_CONFIGS
+    assert listed(AP._prefill_tuned_gqa) == AP.PREFILL_CONFIGS_GQA
     assert listed(AP._prefill_tuned_fp32) == AP.PREFILL_CONFIGS_FP32
-    assert all(c["BLOCK_M"] % c["BLOCK_N"] == 0 for c in AP.PREFILL_CONFIGS + AP.PREFILL_CONFIGS_FP32)
+    configs = AP.PREFILL_CONFIGS + AP.PREFILL_CONFIGS_GQA + AP.PREFILL_CONFIGS_FP32
+    assert all(c["BLOCK_M"] % c["BLOCK_N"] == 0 for c in configs)
