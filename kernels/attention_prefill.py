@@ -46,9 +46,9 @@ each time a program loads a key tile (a program cannot read another's rotated ke
 within the launch), which costs ``BLOCK_N * D/2`` sine/cosine pairs per tile against
 ``BLOCK_M * BLOCK_N * D`` multiply-adds of each dot. The cache receives the rotated k (written by
 its one writer, with the same rounding the scores use) and v unchanged. Sines and cosines come from
-a local Cody-Waite reduction and minimax polynomials (:func:`_sincos`), accurate to float32 for
-angles below ~1e5 rad (positions up to ~1e5 at the largest frequency, 1): libdevice's would keep
-a Payne-Hanek table in local memory, which the no-spill compile check forbids.
+a Cody-Waite reduction and minimax polynomials (:func:`_sincos`, the decode kernel's numerics, so
+a key is rotated identically in both), about 1e-7 absolute error for angles up to 1e6 rad:
+libdevice's would keep a Payne-Hanek array in local memory, which the no-spill check forbids.
 
 Configs: GPT-2's case (``G = 1``, no rope) keeps ``PREFILL_CONFIGS``; grouped heads or rope in 16
 bits use ``PREFILL_CONFIGS_GQA`` (their extra registers spilled the 4-warp tiles); float32 always
@@ -136,34 +136,30 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _sincos(x):
-    """``(sin x, cos x)`` of a float32 tensor: absolute error <= 7.2e-8 for ``0 <= x <= 1.1e5``
-    (measured with fused multiply-adds; the same as a correctly rounded float32 sine).
+    """``(sin x, cos x)`` of float32 ``x``: about 1e-7 absolute error for ``|x|`` up to 1e6.
 
-    Not ``tl.sin``/``tl.cos``: those call libdevice, whose Payne-Hanek path for huge arguments
-    keeps a 28-byte array in local memory (the spill check would count it) and which reduces the
-    argument once per function. Here: one Cody-Waite reduction ``x = j * pi/2 + r``,
-    ``|r| <= pi/4`` (pi/2 split in three float32 parts, each product taken inside an FMA), then
-    minimax polynomials of sin and cos on ``[-pi/4, pi/4]`` (the classic single-precision
-    coefficients), and the quadrant ``j mod 4`` picks and signs them. Beyond ~1e5 rad (a
-    position above ~1e5 at the largest frequency, 1) the reduction loses accuracy gradually.
-    (The Triton interpreter's ``fma`` rounds the product first: a few ulps worse on the CPU.)
+    The same numerics as :func:`kernels.attention_decode._sincos` (so prefill and decode rotate a
+    key identically): Cody-Waite reduction ``r = x - j pi/2`` with ``pi/2 = C1 + C2 + C3`` (C1 and
+    C2 of 12 significant bits, so ``j * C1`` and ``j * C2`` are exact products with FMAs on the GPU,
+    and unfused, as the Triton interpreter evaluates ``tl.fma``, for ``|x| < 6000``), then minimax
+    polynomials on ``[-pi/4, pi/4]``, picked and signed by the quadrant ``j mod 4``. Not
+    ``tl.sin``/``tl.cos``: libdevice's large-argument (Payne-Hanek) path keeps an array in local
+    memory, a stack frame in every kernel that calls it, which the no-spill compile check counts.
     """
-    jf = tl.floor(x * 0.6366197723675814 + 0.5)  # round(x * 2/pi)
-    r = tl.fma(jf, -1.57079601e00, x)
-    r = tl.fma(jf, -3.13916473e-07, r)
-    r = tl.fma(jf, -5.39030253e-15, r)
-    r2 = r * r
-    s = tl.fma(tl.fma(-1.95152959e-04, r2, 8.33216087e-03), r2, -1.66666546e-01)
-    s = tl.fma(s * r2, r, r)  # sin r
-    c = tl.fma(tl.fma(tl.fma(2.44331571e-05, r2, -1.38873163e-03), r2, 4.16666457e-02), r2, -0.5)
-    c = tl.fma(c, r2, 1.0)  # cos r
-    quadrant = jf.to(tl.int32) & 3
-    odd = (quadrant & 1) != 0  # quadrants 1, 3: sin x = +-cos r, cos x = -+sin r
-    sin_x = tl.where(odd, c, s)
-    cos_x = tl.where(odd, s, c)
-    sin_x = tl.where((quadrant & 2) != 0, -sin_x, sin_x)  # quadrants 2, 3
-    cos_x = tl.where(((quadrant + 1) & 2) != 0, -cos_x, cos_x)  # quadrants 1, 2
-    return sin_x, cos_x
+    j = tl.floor(x * 0.6366197466850281 + 0.5)  # nearest multiple of pi/2
+    r = tl.fma(j, -1.57080078125, x)
+    r = tl.fma(j, 4.453584551811218e-06, r)
+    r = tl.fma(j, 8.705515752716053e-10, r)  # r in [-pi/4, pi/4]
+    z = r * r
+    s = r + r * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
+    c = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5))
+    quadrant = j.to(tl.int32) & 3
+    odd = (quadrant & 1) == 1
+    sin = tl.where(odd, c, s)
+    cos = tl.where(odd, s, c)
+    sin = tl.where(quadrant >= 2, -sin, sin)  # quadrants 0..3: s, c, -s, -c
+    cos = tl.where((quadrant == 1) | (quadrant == 2), -cos, cos)  # c, -s, -c, s
+    return sin, cos
 
 
 @triton.jit

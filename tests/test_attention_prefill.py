@@ -333,7 +333,7 @@ def test_every_prefill_config_compiles_for_sm90_without_spills():
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("FASTGPT_COMPILE_MATRIX") != "1",
-    reason="the full sm_90 compile matrix takes ~5 minutes on 2 cores: set FASTGPT_COMPILE_MATRIX=1",
+    reason="the full sm_90 compile matrix takes 3-5 minutes on 2 cores: set FASTGPT_COMPILE_MATRIX=1",
 )
 def test_every_prefill_variant_compiles_for_sm90_without_spills():
     """The whole matrix (88 compiles): float16/bfloat16/float32, head_dim 64 and 128, every group
