@@ -76,6 +76,7 @@ from .attention_common import (
     _LOG2E,
     _NEG_BIG,
     _check_qkv_and_cache,
+    _sincos,
     _next_pow2,
     _triton_configs,
     _tune_bench,
@@ -220,33 +221,6 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     else:
         c = tl.dot(a, b)
     return c
-
-
-@triton.jit
-def _sincos(x):
-    """``(sin x, cos x)`` of float32 ``x``: about 1e-7 absolute error for ``|x|`` up to 1e6.
-
-    Cody-Waite reduction ``r = x - j pi/2`` with ``pi/2 = C1 + C2 + C3`` (C1 and C2 of 12
-    significant bits, so ``j * C1`` and ``j * C2`` are exact products: with FMAs on the GPU every
-    step is exact at any rotary angle; unfused, as the Triton interpreter evaluates ``tl.fma``, for
-    ``|x| < 6000``), then minimax polynomials on ``[-pi/4, pi/4]``, picked and signed by the
-    quadrant ``j mod 4``. Not ``tl.sin``/``tl.cos``: libdevice's large-argument path keeps a
-    local-memory array, a 32-byte stack frame in every kernel that calls it.
-    """
-    j = tl.floor(x * 0.6366197466850281 + 0.5)  # nearest multiple of pi/2
-    r = tl.fma(j, -1.57080078125, x)
-    r = tl.fma(j, 4.453584551811218e-06, r)
-    r = tl.fma(j, 8.705515752716053e-10, r)  # r in [-pi/4, pi/4]
-    z = r * r
-    s = r + r * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
-    c = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5))
-    quadrant = j.to(tl.int32) & 3
-    odd = (quadrant & 1) == 1
-    sin = tl.where(odd, c, s)
-    cos = tl.where(odd, s, c)
-    sin = tl.where(quadrant >= 2, -sin, sin)  # quadrants 0..3: s, c, -s, -c
-    cos = tl.where((quadrant == 1) | (quadrant == 2), -cos, cos)  # c, -s, -c, s
-    return sin, cos
 
 
 @triton.jit
