@@ -241,7 +241,14 @@ def count_decode_launches(
     counter = LaunchCounter()
     with _watching_triton(counter, run_kernels):
         tokens = decoder.prefill(ids).clone()
+        last = ids[:, -1].to(tokens.dtype)
+        if not run_kernels:
+            # The sampler did not run: ``tokens`` holds no ids. An ATen embedding (the LLaMA family's
+            # gather) reads them, so give it valid ones; no launch depends on which.
+            tokens.copy_(last)
         decoder.step_into(tokens)  # warm-up: the first step allocates the eager workspaces
+        if not run_kernels:
+            tokens.copy_(last)
         with _layer_regions(model, counter), counter:
             counter.on = True
             decoder.step_into(tokens)

@@ -193,6 +193,18 @@ def test_llama_family_long_cache_splits_stay_within_gpt2s_per_layer(triton_backe
     assert max(counts["per_layer"]) <= gpt2_per_layer, counts["ops_layer0"]
 
 
+def test_llama_family_counting_without_running_kernels_counts_the_same(triton_backend, gpt2_per_layer):
+    """The fast count (kernels launched, not executed; valid token ids fed to the ATen embedding)
+    equals the count of a real interpreted LLaMA-family step."""
+    model = structure_model("llama-3.2-1b", n_positions=32)
+    model.h = model.h[:2]  # two layers: the interpreter runs every kernel
+    options = OPTIONS["sampling-eos-min-new"]
+    real = count_decode_launches(model, run_kernels=True, **options)
+    fast = count_decode_launches(model, run_kernels=False, **options)
+    for key in ("launches_per_token", "per_layer", "outside_layers", "ops_outside", "ops_layer0", "host_syncs"):
+        assert real[key] == fast[key], key
+
+
 def test_llama_family_torch_backend_is_counted_too(monkeypatch):
     """The PyTorch oracle runs (and is counted) on the LLaMA family already; no host sync."""
     monkeypatch.setenv("FASTGPT_BACKEND", "torch")
