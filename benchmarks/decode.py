@@ -59,10 +59,11 @@ Per row (JSON field: meaning)
   gathered, the ``B`` rows used: GPT-2's position table, an untied token embedding; the LLaMA
   family has no position table) plus the live K and V of every layer at the mean context
   ``prompt_len + new_tokens / 2``, ``n_kv_head * head_dim`` values each
-  (``benchmarks.perf_model.weight_bytes`` and ``kv_slot_bytes``); ``step_gbs`` = step_bytes / step time; ``roofline_frac`` =
-  step_gbs / ``copy_bandwidth_gbs``, the copy bandwidth (bytes read + written per second of a
-  large ``dst.copy_(src)``) measured in the same run on the same device (GPU: median of 20 1 GiB
-  copies at the start; CPU: the fastest of 10 256 MiB copies at the start and at the end).
+  (``benchmarks.perf_model.weight_bytes`` and ``kv_slot_bytes``); ``step_gbs`` = step_bytes /
+  step time; ``roofline_frac`` = step_gbs / ``copy_bandwidth_gbs``, the copy bandwidth (bytes
+  read + written per second of a large ``dst.copy_(src)``) measured in the same run on the same
+  device (GPU: median of 20 1 GiB copies at the start; CPU: the fastest of 10 256 MiB copies at
+  the start and at the end).
 * ``speedup_vs_hf_eager`` / ``speedup_vs_hf_static``: that engine's median call time over this
   engine's, same configuration, same run.
 * ``greedy_match``: tokens identical to HF eager's; ``match_prefix_min``: new tokens equal before
@@ -131,7 +132,8 @@ SMALL_SHAPES = {
 #: The LLaMA family's rows (issue 15): the released shapes on a GPU, their small versions on a CPU.
 LLAMA_GPU_MODELS = ("llama-3.2-1b", "qwen2.5-0.5b")
 LLAMA_CPU_MODELS = ("small-llama", "small-qwen")
-TARGET_CONFIGS = [("gpt2", 1, 128, 256), ("gpt2", 64, 128, 256), ("gpt2-xl", 1, 128, 256), ("llama-3.2-1b", 1, 128, 256)]
+TARGET_CONFIGS = [("gpt2", 1, 128, 256), ("gpt2", 64, 128, 256), ("gpt2-xl", 1, 128, 256),
+                  ("llama-3.2-1b", 1, 128, 256)]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
