@@ -1,9 +1,19 @@
-"""Decode benchmark: fastgpt against Hugging Face ``generate`` on GPT-2-shaped models.
+"""Decode benchmark: fastgpt against Hugging Face ``generate`` on GPT-2- and LLaMA-family models.
 
-``python -m benchmarks.decode`` (``make bench``): on a 2-core CPU it finishes in about 3 minutes
+``python -m benchmarks.decode`` (``make bench``): on a 2-core CPU it finishes in about 3-4 minutes
 on a quiet machine (under 5 on a busy one). Every engine runs on the same weights (random unless
 real GPT-2 weights are on disk: speed does not depend on the values) in one run, and every
 engine's greedy tokens are compared with HF eager's, so no speed is reported for a wrong answer.
+
+Models: GPT-2 presets and shapes (``GPT2LMHeadModel``), and the LLaMA family (issue 15): the
+``llama-3.2-1b`` and ``qwen2.5-0.5b`` presets on a GPU, and on a CPU their small versions
+(``small-llama``: Llama-3.2-1B's vocabulary, rope and grouping -- 4 query heads per K/V head,
+head_dim 64 -- at width 512 and 4 layers; ``small-qwen``: Qwen2.5-0.5B's vocabulary, Q/K/V biases
+and grouping -- 7 per K/V head -- at width 448 and 4 layers). A LLaMA-family HF model is
+``AutoModelForCausalLM.from_config(config.to_hf())`` (``LlamaForCausalLM``, ``Qwen2ForCausalLM``)
+with random weights, and fastgpt's is ``GPT.from_hf`` of it: both run identical weights.
+dtype (unless ``--dtype``): on a GPU float16 for GPT-2 and bfloat16 for the LLaMA family (the
+released checkpoints' dtype, issue 15's target); float32 on a CPU.
 
 What runs
 ---------
@@ -15,11 +25,16 @@ PyTorch reference ops).
 
 * default: the design-card model (``small-d256``: GPT-2's 50257 vocabulary, 4 layers of width
   256) and the GPT-2 small shape (``gpt2``), batch 1 and 8, a 16-token prompt, 32 new tokens
-  (128 on a GPU), engines ``hf-eager``, ``hf-static``, ``fastgpt``; plus ``small-d256`` at batch
-  1 with 128- and 512-token prompts, for the ms-per-token-against-context plot.
+  (128 on a GPU), engines ``hf-eager``, ``hf-static``, ``fastgpt``; the LLaMA family: on a CPU
+  ``small-llama`` and ``small-qwen`` at batch 1, 16-token prompt, 64 new tokens (issue 15's CPU
+  target: not slower than HF eager), on a GPU ``llama-3.2-1b`` and ``qwen2.5-0.5b`` at batch 1
+  and 16, 128-token prompt, 256 new tokens; plus ``small-d256`` at batch 1 with 128- and
+  512-token prompts, for the ms-per-token-against-context plot.
 * ``--full``: the whole matrix (GPU: gpt2, gpt2-medium, gpt2-xl; batch 1, 8, 64; prompt 16, 512;
-  new tokens 10 .. 512; every engine. CPU: small-d256, gpt2, gpt2-medium; batch 1, 8; prompt 16,
-  256; 32 and 128 new tokens). ``--quick`` (``make gpu-check``): the issue's target rows.
+  new tokens 10 .. 512; llama-3.2-1b, qwen2.5-0.5b: batch 1, 16, 64; prompt 16, 512; 128 and 256
+  new tokens; every engine. CPU: small-d256, gpt2, gpt2-medium; batch 1, 8; prompt 16, 256; 32
+  and 128 new tokens; small-llama, small-qwen: batch 1, 8; 64 new tokens). ``--quick``: the
+  issues' target rows (GPU: gpt2 b1 and b64, gpt2-xl b1, llama-3.2-1b b1).
   Subsets via ``--models/--batch/--prompt-len/--new-tokens/--engines``.
 
 How it is timed
@@ -40,12 +55,15 @@ Per row (JSON field: meaning)
 * ``ms_per_token``: one decode step, the median over rounds of ``(t(n) - t(1)) / (n - 1)`` from
   the round's n-token and 1-token calls (prefill cancels out), ``ms_per_token_min`` / ``_max``
   over the rounds; ``ms_per_token_e2e`` = ``t(n) / n``.
-* ``step_bytes``: what one decode step must read -- every weight once (of the position table the
-  ``B`` rows used) plus the live K and V of every layer at the mean context
-  ``prompt_len + new_tokens / 2``; ``step_gbs`` = step_bytes / step time; ``roofline_frac`` =
-  step_gbs / ``copy_bandwidth_gbs``, the copy bandwidth (bytes read + written per second of a
-  large ``dst.copy_(src)``) measured in the same run on the same device (GPU: median of 20 1 GiB
-  copies at the start; CPU: the fastest of 10 256 MiB copies at the start and at the end).
+* ``step_bytes``: what one decode step must read -- every weight once (of a table that is only
+  gathered, the ``B`` rows used: GPT-2's position table, an untied token embedding; the LLaMA
+  family has no position table) plus the live K and V of every layer at the mean context
+  ``prompt_len + new_tokens / 2``, ``n_kv_head * head_dim`` values each
+  (``benchmarks.perf_model.weight_bytes`` and ``kv_slot_bytes``); ``step_gbs`` = step_bytes /
+  step time; ``roofline_frac`` = step_gbs / ``copy_bandwidth_gbs``, the copy bandwidth (bytes
+  read + written per second of a large ``dst.copy_(src)``) measured in the same run on the same
+  device (GPU: median of 20 1 GiB copies at the start; CPU: the fastest of 10 256 MiB copies at
+  the start and at the end).
 * ``speedup_vs_hf_eager`` / ``speedup_vs_hf_static``: that engine's median call time over this
   engine's, same configuration, same run.
 * ``greedy_match``: tokens identical to HF eager's; ``match_prefix_min``: new tokens equal before
@@ -98,19 +116,48 @@ FASTGPT_ENV = {  # engine -> (FASTGPT_BACKEND, FASTGPT_CUDA_GRAPH); None: unset 
 #: Relative logit gap under which a greedy divergence counts as a near-tie (fp16 rounding).
 NEAR_TIE = 1e-2
 #: Shapes that are not GPT-2 presets: the design card's model, and a tiny one for the tests.
+#: The LLaMA family's small shapes keep their preset's vocabulary, rope, biases and grouping
+#: (query heads per K/V head) at head_dim 64, with a small width and 4 layers (CPU rows).
 SMALL_SHAPES = {
     "small-d256": GPTConfig(n_embd=256, n_head=8, n_layer=4),
     "tiny": GPTConfig(vocab_size=1000, n_positions=128, n_embd=64, n_head=2, n_layer=2),
-}
-TARGET_CONFIGS = [("gpt2", 1, 128, 256), ("gpt2", 64, 128, 256), ("gpt2-xl", 1, 128, 256)]
+    "small-llama": GPTConfig.from_preset("llama-3.2-1b", n_positions=2048, n_embd=512, n_head=8, n_kv_head=2,
+                                         n_layer=4, n_inner=2048),
+    "small-qwen": GPTConfig.from_preset("qwen2.5-0.5b", n_positions=2048, n_embd=448, n_head=7, n_kv_head=1,
+                                        n_layer=4, n_inner=2432),
+    # The tests' and the dry run's: Llama-3.2-1B's grouping (4) and rope at a tiny width and vocabulary.
+    "tiny-llama": GPTConfig.from_preset("llama-3.2-1b", vocab_size=1000, n_positions=128, n_embd=256, n_head=4,
+                                        n_kv_head=1, n_layer=2, n_inner=512),
+}  # fmt: skip
+#: The LLaMA family's rows (issue 15): the released shapes on a GPU, their small versions on a CPU.
+LLAMA_GPU_MODELS = ("llama-3.2-1b", "qwen2.5-0.5b")
+LLAMA_CPU_MODELS = ("small-llama", "small-qwen")
+TARGET_CONFIGS = [("gpt2", 1, 128, 256), ("gpt2", 64, 128, 256), ("gpt2-xl", 1, 128, 256),
+                  ("llama-3.2-1b", 1, 128, 256)]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
 # Models and engines
 # --------------------------------------------------------------------------------------------
+def model_config(name: str) -> GPTConfig:
+    """The shape of a benchmark model name: :data:`SMALL_SHAPES` or a ``GPTConfig`` preset."""
+    return SMALL_SHAPES[name] if name in SMALL_SHAPES else GPTConfig.from_preset(name)
+
+
+def model_dtype(name: str, device: torch.device | str, dtype: str | None = None) -> str:
+    """The dtype a model runs in: ``dtype`` when given (``--dtype``), else float32 on a CPU and on
+    a GPU float16 (GPT-2) or bfloat16 (the LLaMA family)."""
+    if dtype is not None:
+        return dtype
+    if torch.device(device).type != "cuda":
+        return "float32"
+    return "bfloat16" if model_config(name).is_llama else "float16"
+
+
 def build_models(name: str, dtype: torch.dtype, device: torch.device):
     """(hf_model, fastgpt_model, source) with shared weight values; ``source`` is "random" or
-    the checkpoint directory."""
+    the checkpoint directory. LLaMA family: HF's model from ``config.to_hf()`` (random weights,
+    no EOS: ``min_new_tokens`` would otherwise ban a token fastgpt may pick), fastgpt's from it."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
@@ -118,10 +165,18 @@ def build_models(name: str, dtype: torch.dtype, device: torch.device):
     from fastgpt.loading import find_checkpoint
 
     hf_logging.set_verbosity_error()
-    if name in SMALL_SHAPES:
-        cfg = SMALL_SHAPES[name]
-    else:
-        cfg = GPTConfig.from_preset(name)
+    cfg = model_config(name)
+    if cfg.is_llama:
+        from transformers import AutoModelForCausalLM
+
+        hf_cfg = cfg.to_hf()
+        hf_cfg.update(dict(pad_token_id=0, bos_token_id=None, eos_token_id=None))
+        torch.manual_seed(0)
+        with torch.device(device):
+            hf = AutoModelForCausalLM.from_config(hf_cfg).to(dtype).eval()
+        hf.generation_config.update(pad_token_id=0, bos_token_id=None, eos_token_id=None)
+        return hf, GPT.from_hf(hf), "random"
+    if name not in SMALL_SHAPES:
         try:
             path = find_checkpoint(name)
         except FileNotFoundError:
@@ -304,13 +359,13 @@ def weights_bytes(model) -> int:
 
 
 def step_bytes(model, batch: int, context: float) -> float:
-    """Bytes one decode step must read: every weight once (of the position table only the ``B``
-    rows used) + the live K and V of every layer."""
-    c = model.config
-    item = model.dtype.itemsize
-    weights = weights_bytes(model) - model.wpe.weight.numel() * item + batch * c.n_embd * item
-    kv = 2 * c.n_layer * batch * context * c.n_embd * item
-    return weights + kv
+    """Bytes one decode step must read: every weight once (of a gathered table -- GPT-2's position
+    table, an untied token embedding -- only the ``B`` rows used) + the live K and V of every
+    layer (``n_kv_head * head_dim`` values each): ``benchmarks.perf_model``'s formulas on the
+    model's own parameters."""
+    c, item = model.config, model.dtype.itemsize
+    n_params = sum(p.numel() for p in model.parameters())
+    return perf_model.weight_bytes(c, batch, item, n_params) + perf_model.kv_slot_bytes(c, batch, item) * context
 
 
 def compare_greedy(out: torch.Tensor, ref: torch.Tensor, prompt_len: int, model) -> dict:
@@ -347,7 +402,7 @@ def config_rows(name, source, dtype, batch, prompt_len, n_new, model, hf, m, nby
     """The result rows of one configuration from :func:`measure_config`'s measurements."""
     c, item = model.config, model.dtype.itemsize
     w_mb = weights_bytes(model) / 2**20
-    kv_mb = 2 * c.n_layer * batch * (prompt_len + n_new) * c.n_embd * item / 2**20
+    kv_mb = perf_model.kv_slot_bytes(c, batch, item) * (prompt_len + n_new) / 2**20
     fastgpt_kv_mb = kv_mb * bucket_length(prompt_len + n_new, c.n_positions) / (prompt_len + n_new)  # its cache: a bucket
     ok = {e: r for e, r in m.items() if "error" not in r}
     noisy = noisy_engines({e: r["times"] for e, r in ok.items()})
@@ -404,7 +459,6 @@ def run_suite(args, save=None) -> dict:
     from tqdm import tqdm
 
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
     on_gpu = device.type == "cuda"
     copy_bw = measure_copy_bandwidth_gbs(device) if on_gpu else measure_cpu_copy_bandwidth_gbs()
     launch_us = perf_model.measure_launch_overhead_us(device)
@@ -421,8 +475,9 @@ def run_suite(args, save=None) -> dict:
             gc.collect()
             if on_gpu:
                 torch.cuda.empty_cache()
-            current = (model_name, *build_models(model_name, dtype, device))
-        _, hf, model, source = current
+            dtype_name = model_dtype(model_name, device, args.dtype)
+            current = (model_name, dtype_name, *build_models(model_name, getattr(torch, dtype_name), device))
+        _, dtype_name, hf, model, source = current
         bar.set_postfix_str(f"{model_name} b{batch} p{prompt_len} n{n_new}")
         if prompt_len + n_new <= model.config.n_positions:
             torch.manual_seed(1)
@@ -430,7 +485,7 @@ def run_suite(args, save=None) -> dict:
             _reset_engine_state(hf)
             m = measure_config(args.engines, hf, model, ids, n_new, device, args.repeats)
             nbytes = step_bytes(model, batch, prompt_len + n_new / 2)
-            new = config_rows(model_name, source, args.dtype, batch, prompt_len, n_new, model, hf, m, nbytes, copy_bw)
+            new = config_rows(model_name, source, dtype_name, batch, prompt_len, n_new, model, hf, m, nbytes, copy_bw)
             add_predictions(new, model, batch, prompt_len + n_new / 2, copy_bw, launch_us)
             rows += new
             _reset_engine_state(hf)
@@ -454,22 +509,30 @@ def run_suite(args, save=None) -> dict:
 def default_configs(on_gpu: bool, full: bool) -> list[tuple[str, int, int, int]]:
     """(model, batch, prompt_len, new_tokens) of the default run or of ``--full``."""
     if full and on_gpu:
-        return [(m, b, p, n) for m in ("gpt2", "gpt2-medium", "gpt2-xl") for b in (1, 8, 64) for p in (16, 512)
+        gpt2 = [(m, b, p, n) for m in ("gpt2", "gpt2-medium", "gpt2-xl") for b in (1, 8, 64) for p in (16, 512)
                 for n in (10, 50, 100, 200, 512)]  # fmt: skip
+        llama = [(m, b, p, n) for m in LLAMA_GPU_MODELS for b in (1, 16, 64) for p in (16, 512) for n in (128, 256)]
+        return gpt2 + llama
     if full:
-        return [(m, b, p, n) for m in ("small-d256", "gpt2", "gpt2-medium") for b in (1, 8) for p in (16, 256)
+        gpt2 = [(m, b, p, n) for m in ("small-d256", "gpt2", "gpt2-medium") for b in (1, 8) for p in (16, 256)
                 for n in (32, 128)]  # fmt: skip
+        return gpt2 + [(m, b, 16, 64) for m in LLAMA_CPU_MODELS for b in (1, 8)]
     n_new = 128 if on_gpu else 32
     main = [(m, b, 16, n_new) for m in ("small-d256", "gpt2") for b in (1, 8)]
+    if on_gpu:  # issue 15's rows: the released shapes, bf16, the target rows' prompt and length
+        llama = [(m, b, 128, 256) for m in LLAMA_GPU_MODELS for b in (1, 16)]
+    else:  # issue 15's CPU target: small LLaMA- and Qwen-shaped models, batch 1, 64 new tokens
+        llama = [(m, 1, 16, 64) for m in LLAMA_CPU_MODELS]
     context = [("small-d256", 1, p, n_new) for p in (128, 512)]
-    return main + context  # the headline rows first: an interrupted run keeps them
+    return main + llama + context  # the headline rows first: an interrupted run keeps them
 
 
 def parse_args(argv=None):
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    p.add_argument("--dtype", default="float16" if on_gpu else "float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="every model's dtype (default: CPU float32; GPU float16 for GPT-2, bfloat16 for the LLaMA family)")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--batch", nargs="+", type=int, default=None)
     p.add_argument("--prompt-len", nargs="+", type=int, default=None)
@@ -486,7 +549,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     if args.quick:
-        args.configs = TARGET_CONFIGS if gpu else [("small-d256", 1, 16, 20)]
+        args.configs = TARGET_CONFIGS if gpu else [("small-d256", 1, 16, 20), ("small-llama", 1, 16, 20)]
     else:
         args.configs = default_configs(gpu, args.full)
     # --models/--batch/--prompt-len/--new-tokens replace that axis of the chosen set.

@@ -1,5 +1,8 @@
 """The decode benchmark's reports: the table printed at the end of a run, and the summary of the
-issue's targets (H100, fp16, 128-token prompt, 256 new tokens) stored in the JSON's ``summary``.
+issues' targets stored in the JSON's ``summary``: GPT-2 (H100, fp16, 128-token prompt, 256 new
+tokens), and issue 15's LLaMA family -- Llama-3.2-1B at batch 1 (bf16, same prompt and length)
+at >= 75 % of the roofline on a GPU, and on a CPU fastgpt not slower than HF eager on the small
+Llama- and Qwen-shaped models (batch 1, 16-token prompt, 64 new tokens).
 
 Field meanings are in ``benchmarks/decode.py``'s docstring and the README's Benchmark section.
 ``python -m benchmarks.decode_report RESULTS.json`` prints a results file's rows as Markdown.
@@ -21,12 +24,12 @@ def _match_text(r: dict) -> tuple[str, bool | None]:
 def target_summary(rows: list[dict]) -> list[dict]:
     """The issue's targets (H100, fp16, 128-token prompt, 256 new tokens, warm) for the rows present."""
 
-    def find(engine, model, batch):
+    def find(engine, model, batch, prompt_len=128, new_tokens=256):
         for r in rows:
             if "error" in r:
                 continue
             key = (r["engine"], r["model"], r["batch"], r["prompt_len"], r["new_tokens"])
-            if key == (engine, model, batch, 128, 256):
+            if key == (engine, model, batch, prompt_len, new_tokens):
                 return r
         return None
 
@@ -57,6 +60,27 @@ def target_summary(rows: list[dict]) -> list[dict]:
     if (r := find("fastgpt", "gpt2", 64)) is not None and "speedup_vs_hf_eager" in r:
         value = r["speedup_vs_hf_eager"]
         add("decode gpt2 b64 speed-up vs hf_eager", value, ">= 10x", value >= 10)
+    # Issue 15: Llama-3.2-1B at batch 1 (GPU, bf16), >= 75 % of the roofline (about 1,300 tok/s on an H200).
+    if (r := find("fastgpt", "llama-3.2-1b", 1)) is not None:
+        if r.get("roofline_frac") is not None:
+            add("decode llama-3.2-1b b1 roofline", r["roofline_frac"], ">= 0.75", r["roofline_frac"] >= 0.75)
+        add("decode llama-3.2-1b b1 tokens/s", r["tokens_per_s"], "report (H200: ~1300)", None)
+        if r.get("launches_per_token") is not None:
+            add("decode llama-3.2-1b b1 launches/token", r["launches_per_token"], "<= 84 (5/layer + 4)",
+                r["launches_per_token"] <= 84)  # fmt: skip
+        for base in ("hf_eager", "hf_static"):
+            if f"speedup_vs_{base}" in r:
+                add(f"decode llama-3.2-1b b1 speed-up vs {base}", r[f"speedup_vs_{base}"], "report", None)
+        text, ok = _match_text(r)
+        add("decode llama-3.2-1b b1 greedy vs HF eager", text, "identical or near-tie", ok)
+    # Issue 15 on a CPU: not slower than HF eager on the small LLaMA-family shapes, same run.
+    for model in ("small-llama", "small-qwen"):
+        if (r := find("fastgpt", model, 1, 16, 64)) is not None:
+            if "speedup_vs_hf_eager" in r:
+                value = r["speedup_vs_hf_eager"]
+                add(f"decode {model} b1 speed-up vs hf_eager", value, ">= 1x (not slower)", value >= 1.0)
+            text, ok = _match_text(r)
+            add(f"decode {model} b1 greedy vs HF eager", text, "identical or near-tie", ok)
     return out
 
 

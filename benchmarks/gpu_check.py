@@ -9,7 +9,8 @@ killed whole at its limit:
    busy): the CUDA top-k extension; FAILS unless it built for this device.
 2. ``smoke``: device facts, copy bandwidth, each kernel once against its PyTorch reference,
    graph replay against eager (``benchmarks/smoke.py``).
-3. ``headline``: fastgpt vs HF eager, gpt2 b1, gpt2-xl b1, gpt2 b64 (``benchmarks/headline.py``).
+3. ``headline``: fastgpt vs HF eager, gpt2 b1, llama-3.2-1b b1 (bf16), gpt2-xl b1, gpt2 b64
+   (``benchmarks/headline.py``).
 4. ``tests:<file>``: one pytest process per test file, ``-m cuda``, most valuable files first.
 5. the kernel benchmarks, the profile, the beam benchmark; the sanitizers (top-k) last.
 
@@ -158,7 +159,7 @@ def plan(dry_run: bool, *, max_test_files: int | None = None) -> list[Stage]:
         Stage("build", [PY, "-m", "benchmarks.smoke", "--build"], 240, background=True,
               on_kill=_remove_stale_build_locks),
         Stage("smoke", [PY, "-m", "benchmarks.smoke"], 90),
-        Stage("headline", [PY, "-m", "benchmarks.headline"], 150),
+        Stage("headline", [PY, "-m", "benchmarks.headline"], 210),  # 4 rows: llama-3.2-1b's compiles too
     ]  # fmt: skip
     if dry_run:
         # Proves that a stage killed at its limit keeps what it wrote: two rows, then a hang.

@@ -1,7 +1,10 @@
 """The headline stage of ``make gpu-check``: fastgpt against HF eager ``generate``, row by row.
 
-``python -m benchmarks.headline``: fp16, 128-token prompt, 256 new tokens (the decode benchmark's
-target rows), in order of value: gpt2 batch 1, gpt2-xl batch 1, gpt2 batch 64. Each engine's row
+``python -m benchmarks.headline``: 128-token prompt, 256 new tokens (the decode benchmark's
+target rows), in order of value: gpt2 batch 1 (fp16), llama-3.2-1b batch 1 (bf16: issue 15's
+target, >= 75 % of the roofline; random weights, HF's ``LlamaForCausalLM`` and fastgpt's copy of
+it), gpt2-xl batch 1, gpt2 batch 64 (fp16). The dtype of a row is
+``benchmarks.decode.model_dtype``'s: float16 for GPT-2, bfloat16 for the LLaMA family. Each engine's row
 is recorded (``benchmarks.gpu_check.record``) as soon as it is measured, so a run cut short keeps
 what it finished; the fastgpt row carries the greedy match against HF eager, the speed-up and
 the performance model's fields (``benchmarks.perf_model``: ``predicted_tokens_per_s``,
@@ -9,7 +12,8 @@ the performance model's fields (``benchmarks.perf_model``: ``predicted_tokens_pe
 overhead measured in this run).
 Measurement, byte counts and the comparison are the decode benchmark's (``benchmarks.decode``).
 
-Without a GPU (the dry run) one tiny row on the CPU proves the plumbing.
+Without a GPU (the dry run) two tiny rows on the CPU (float32), a GPT-2 and a LLaMA-family one,
+prove the plumbing.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from benchmarks.common import measure_copy_bandwidth_gbs
 from benchmarks.gpu_check_log import record
 
 #: (model, batch, prompt_len, new_tokens), most valuable first.
-GPU_ROWS = [("gpt2", 1, 128, 256), ("gpt2-xl", 1, 128, 256), ("gpt2", 64, 128, 256)]
-CPU_ROWS = [("small-d256", 1, 8, 8)]
+GPU_ROWS = [("gpt2", 1, 128, 256), ("llama-3.2-1b", 1, 128, 256), ("gpt2-xl", 1, 128, 256), ("gpt2", 64, 128, 256)]
+CPU_ROWS = [("small-d256", 1, 8, 8), ("tiny-llama", 1, 8, 8)]
 ENGINES = ("hf-eager", "fastgpt")
 STAGE = "headline"
 
@@ -65,13 +69,13 @@ def measure_row(model_name: str, batch: int, prompt_len: int, n_new: int, device
 def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = torch.float16 if on_gpu else torch.float32
     if not on_gpu:
         torch.set_num_threads(1)
     copy_gbs = measure_copy_bandwidth_gbs(device) if on_gpu else None
     launch_us = perf_model.measure_launch_overhead_us(device)
     record(STAGE, "note", copy_bandwidth_gbs=copy_gbs, launch_overhead_us=launch_us)
     for model_name, batch, prompt_len, n_new in GPU_ROWS if on_gpu else CPU_ROWS:
+        dtype = getattr(torch, decode.model_dtype(model_name, device))
         measure_row(model_name, batch, prompt_len, n_new, device, dtype, copy_gbs, launch_us)
         if on_gpu:
             torch.cuda.empty_cache()

@@ -13,7 +13,12 @@ on any device (the CPU included) by watching two doors while the step runs:
 
 Launches do not depend on the width of the model, so a model of the real layer structure (the
 same number of layers, head_dim 64, a tiny width and vocabulary) counts what gpt2 / gpt2-xl
-launch; :func:`structure_model` builds one. Which layer a launch belongs to comes from forward
+launch; :func:`structure_model` builds one. For the LLaMA family (issue 15) the structure is the
+preset's (``llama-3.2-1b``, ``qwen2.5-0.5b``, ...: layers, head_dim, rope and its scaling,
+biases, tied or untied head) with ONE K/V head and the preset's group of query heads per K/V
+head (4 for Llama-3.2-1B, 7 for Qwen2.5-0.5B): the launches of a layer are those of the real
+model (RMSNorm + Q/K/V + rotary, attention, out-projection, RMSNorm + gate/up + SwiGLU, down
+projection), its budget GPT-2's 5 per layer. Which layer a launch belongs to comes from forward
 hooks on the blocks (``model.h[i]``); everything else (embedding, ln_f + LM head, the sampler,
 the step's bookkeeping) is "outside".
 
@@ -23,8 +28,8 @@ default) the Triton kernels are launched but not executed: a launch count does n
 values computed, and the Triton interpreter would spend minutes on gpt2-xl's 48 layers. ``host_syncs`` counts the ops that
 read device data back to the host (``.item()``, ``bool(t)``, data-dependent shapes); it must be 0.
 
-Used by tests/test_launches.py (the budget: gpt2 <= 64, gpt2-xl <= 244) and by the benchmarks
-(``launches_per_token`` of a row).
+Used by tests/test_launches.py (the budget: gpt2 <= 64, gpt2-xl <= 244; the LLaMA family no
+more per layer than GPT-2) and by the benchmarks (``launches_per_token`` of a row).
 """
 
 from __future__ import annotations
@@ -35,10 +40,14 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-__all__ = ["count_decode_launches", "structure_model", "LaunchCounter", "STRUCTURES"]
+__all__ = ["count_decode_launches", "structure_model", "LaunchCounter", "STRUCTURES", "LLAMA_STRUCTURES"]
 
 #: (n_layer, n_head) of the real models; head_dim 64 as theirs (the attention kernels need it).
+#: The LLaMA family's structures come from their presets (:data:`LLAMA_STRUCTURES`).
 STRUCTURES = {"gpt2": (12, 12), "gpt2-medium": (24, 16), "gpt2-large": (36, 20), "gpt2-xl": (48, 25)}
+#: The LLaMA-family presets :func:`structure_model` builds (``fastgpt.config.PRESETS``).
+LLAMA_STRUCTURES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-0.5b", "qwen2.5-1.5b", "mistral-7b-v0.1",
+                    "smollm2-135m")  # fmt: skip
 
 _aten = torch.ops.aten
 #: ATen ops that launch no kernel on CUDA: allocations and metadata (views are recognised by
@@ -168,15 +177,30 @@ def _layer_regions(model, counter: LaunchCounter):
             handle.remove()
 
 
-def structure_model(name: str, *, vocab: int = 257, n_positions: int = 64, device="cpu", dtype=torch.float16):
-    """A random fastgpt GPT with the layer structure of ``name`` (``STRUCTURES``): the same number
-    of layers, head_dim 64, one head (width 64), a tiny vocabulary -- the same launches per step."""
-    from fastgpt import GPT
+def structure_config(name: str, *, vocab: int = 257, n_positions: int = 64):
+    """The ``GPTConfig`` of :func:`structure_model`."""
     from fastgpt.config import GPTConfig
 
+    if name in LLAMA_STRUCTURES:
+        preset = GPTConfig.from_preset(name)
+        group = preset.n_head // preset.kv_heads
+        window = None if preset.sliding_window is None else n_positions
+        return GPTConfig.from_preset(name, vocab_size=vocab, n_positions=n_positions, n_embd=group * preset.head_dim,
+                                     n_head=group, n_kv_head=1, head_size=None, n_inner=128, sliding_window=window)  # fmt: skip
+    if name not in STRUCTURES:
+        raise ValueError(f"unknown structure {name!r}; choose one of {', '.join([*STRUCTURES, *LLAMA_STRUCTURES])}")
     n_layer, _n_head = STRUCTURES[name]
-    config = GPTConfig(vocab_size=vocab, n_positions=n_positions, n_embd=64, n_head=1, n_layer=n_layer)
-    return GPT.from_config(config, dtype=dtype, device=device)
+    return GPTConfig(vocab_size=vocab, n_positions=n_positions, n_embd=64, n_head=1, n_layer=n_layer)
+
+
+def structure_model(name: str, *, vocab: int = 257, n_positions: int = 64, device="cpu", dtype=torch.float16):
+    """A random fastgpt GPT with the layer structure of ``name``: GPT-2 (``STRUCTURES``) the same
+    number of layers, head_dim 64, one head (width 64); the LLaMA family (``LLAMA_STRUCTURES``) the
+    preset with one K/V head and its group of query heads (width ``group * head_dim``); a tiny
+    vocabulary and MLP -- the same launches per step as the real model."""
+    from fastgpt import GPT
+
+    return GPT.from_config(structure_config(name, vocab=vocab, n_positions=n_positions), dtype=dtype, device=device)
 
 
 @torch.no_grad()
@@ -217,7 +241,14 @@ def count_decode_launches(
     counter = LaunchCounter()
     with _watching_triton(counter, run_kernels):
         tokens = decoder.prefill(ids).clone()
+        last = ids[:, -1].to(tokens.dtype)
+        if not run_kernels:
+            # The sampler did not run: ``tokens`` holds no ids. An ATen embedding (the LLaMA family's
+            # gather) reads them, so give it valid ones; no launch depends on which.
+            tokens.copy_(last)
         decoder.step_into(tokens)  # warm-up: the first step allocates the eager workspaces
+        if not run_kernels:
+            tokens.copy_(last)
         with _layer_regions(model, counter), counter:
             counter.on = True
             decoder.step_into(tokens)

@@ -112,13 +112,44 @@ def test_noisy_engines_are_those_whose_times_overlap():
 def test_default_run_is_the_design_card_model_and_gpt2_at_batch_1_and_8(monkeypatch):
     args = decode.parse_args(["--device", "cpu"])
     assert args.repeats == 3 and args.engines == ["hf-eager", "hf-static", "fastgpt"]
-    main = {(m, b) for m, b, p, n in args.configs if p == 16}
+    main = {(m, b) for m, b, p, n in args.configs if p == 16 and n == 32}
     assert main == {("small-d256", 1), ("small-d256", 8), ("gpt2", 1), ("gpt2", 8)}
+    # Issue 15's CPU target: the small LLaMA- and Qwen-shaped models, batch 1, 64 new tokens.
+    assert [c for c in args.configs if c[0] in decode.LLAMA_CPU_MODELS] == [("small-llama", 1, 16, 64),
+                                                                           ("small-qwen", 1, 16, 64)]  # fmt: skip
     assert {p for m, b, p, n in args.configs if m == "small-d256" and b == 1} == {16, 128, 512}
     full = decode.parse_args(["--device", "cpu", "--full"])
     assert len(full.configs) > len(args.configs) and "gpt2-medium" in {c[0] for c in full.configs}
     picked = decode.parse_args(["--device", "cpu", "--models", "tiny", "--batch", "2"])
     assert {(m, b) for m, b, _, _ in picked.configs} == {("tiny", 2)}
+
+
+def test_gpu_runs_have_the_llama_family_rows_in_bf16():
+    args = decode.parse_args(["--device", "cuda"])
+    llama = {(m, b, p, n) for m, b, p, n in args.configs if m in decode.LLAMA_GPU_MODELS}
+    assert llama == {(m, b, 128, 256) for m in ("llama-3.2-1b", "qwen2.5-0.5b") for b in (1, 16)}
+    assert {c[0] for c in args.configs} >= {"small-d256", "gpt2"}  # the GPT-2 rows stay
+    quick = decode.parse_args(["--device", "cuda", "--quick"])
+    assert ("llama-3.2-1b", 1, 128, 256) in quick.configs and ("gpt2", 1, 128, 256) in quick.configs
+    full = decode.parse_args(["--device", "cuda", "--full"])
+    assert {(m, b) for m, b, _, _ in full.configs if m in decode.LLAMA_GPU_MODELS} == {
+        (m, b) for m in decode.LLAMA_GPU_MODELS for b in (1, 16, 64)}  # fmt: skip
+    assert args.dtype is None  # per model:
+    assert decode.model_dtype("llama-3.2-1b", "cuda") == decode.model_dtype("qwen2.5-0.5b", "cuda") == "bfloat16"
+    assert decode.model_dtype("gpt2", "cuda") == "float16" and decode.model_dtype("small-llama", "cpu") == "float32"
+    assert decode.model_dtype("llama-3.2-1b", "cuda", "float16") == "float16"  # --dtype wins
+
+
+def test_small_llama_family_shapes_keep_their_presets_grouping():
+    from fastgpt import GPTConfig
+
+    for small, preset in (("small-llama", "llama-3.2-1b"), ("small-qwen", "qwen2.5-0.5b")):
+        s, p = decode.SMALL_SHAPES[small], GPTConfig.from_preset(preset)
+        assert (s.model_type, s.vocab_size, s.head_dim, s.n_head // s.kv_heads) == (
+            p.model_type, p.vocab_size, p.head_dim, p.n_head // p.kv_heads)  # fmt: skip
+        assert (s.rope_theta, s.rope_scaling, s.qkv_bias, s.tie_word_embeddings) == (
+            p.rope_theta, p.rope_scaling, p.qkv_bias, p.tie_word_embeddings)  # fmt: skip
+        assert s.n_layer == 4 and s.n_embd < p.n_embd
 
 
 def test_results_never_overwrite_the_reference_unless_asked(monkeypatch, tmp_path):
@@ -157,6 +188,23 @@ def test_decode_benchmark_end_to_end_on_a_tiny_model(monkeypatch, tmp_path):
     assert result["rows"][0]["engine"] == "hf-eager"
 
 
+def test_decode_benchmark_runs_a_llama_family_model_against_hf(monkeypatch, tmp_path):
+    """HF's LlamaForCausalLM from ``config.to_hf()`` and fastgpt's copy of it: same tokens."""
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path))
+    hf, model, source = decode.build_models("tiny-llama", torch.float32, torch.device("cpu"))
+    assert isinstance(hf, LlamaForCausalLM) and source == "random" and model.config == decode.SMALL_SHAPES["tiny-llama"]
+    args = ["--device", "cpu", "--models", "tiny-llama", "--batch", "2", "--prompt-len", "4", "--new-tokens", "3",
+            "--repeats", "1", "--no-plots"]  # fmt: skip
+    decode.main(args)
+    rows = json.loads((tmp_path / "decode_cpu.json").read_text())["rows"]
+    assert {r["engine"] for r in rows} == {"hf-eager", "hf-static", "fastgpt"}
+    for r in rows:
+        assert r["greedy_match"] is True and r["dtype"] == "float32" and r["model"] == "tiny-llama"
+        assert r["step_bytes"] == pytest.approx(decode.step_bytes(model, 2, 4 + 3 / 2))
+
+
 def test_target_summary_reads_the_target_rows():
     result = synthetic_gpu_result()
     summary = {s["metric"]: s for s in decode.target_summary(result["rows"])}
@@ -172,6 +220,27 @@ def test_target_summary_reads_the_target_rows():
         assert set(s) == {"metric", "value", "target", "met"}
 
 
+def test_target_summary_reads_the_llama_family_targets():
+    base = dict(engine="fastgpt", batch=1, greedy_match=True)
+    rows = [
+        dict(base, model="llama-3.2-1b", prompt_len=128, new_tokens=256, tokens_per_s=1350.0, roofline_frac=0.78,
+             launches_per_token=84, speedup_vs_hf_eager=30.0, match_prefix_min=256),
+        dict(base, model="small-llama", prompt_len=16, new_tokens=64, tokens_per_s=20.0, speedup_vs_hf_eager=1.3,
+             match_prefix_min=64),
+        dict(base, model="small-qwen", prompt_len=16, new_tokens=64, tokens_per_s=20.0, speedup_vs_hf_eager=0.9,
+             greedy_match=False, match_prefix_min=10, divergence_gap=0.5, divergence_near_tie=False),
+    ]  # fmt: skip
+    summary = {s["metric"]: s for s in decode.target_summary(rows)}
+    assert summary["decode llama-3.2-1b b1 roofline"]["met"] is True  # 0.78 >= 0.75
+    assert summary["decode llama-3.2-1b b1 launches/token"]["met"] is True
+    assert summary["decode llama-3.2-1b b1 greedy vs HF eager"]["value"] == "identical"
+    assert summary["decode small-llama b1 speed-up vs hf_eager"]["met"] is True
+    assert summary["decode small-qwen b1 speed-up vs hf_eager"]["met"] is False  # slower than HF eager
+    assert summary["decode small-qwen b1 greedy vs HF eager"]["met"] is False
+    rows[0]["roofline_frac"] = 0.6
+    assert {s["metric"]: s for s in decode.target_summary(rows)}["decode llama-3.2-1b b1 roofline"]["met"] is False
+
+
 def test_compare_greedy_reports_the_first_divergence():
     from tests.models import pair
 
@@ -184,6 +253,25 @@ def test_compare_greedy_reports_the_first_divergence():
     result = decode.compare_greedy(out, ref, 4, model)
     assert result["greedy_match"] is False and result["match_prefix_min"] == 5
     assert result["divergence_gap"] > 0 and isinstance(result["divergence_near_tie"], bool)
+
+
+def test_step_bytes_of_the_llama_family_no_position_table_and_grouped_kv():
+    from fastgpt import GPT, GPTConfig
+
+    for tied in (True, False):
+        config = GPTConfig(model_type="llama", activation="silu", vocab_size=100, n_positions=32, n_embd=16, n_head=4,
+                           n_kv_head=2, head_size=8, n_layer=3, n_inner=24, tie_word_embeddings=tied, qkv_bias=False,
+                           out_bias=False, mlp_bias=False)  # fmt: skip
+        model = GPT.from_config(config)
+        assert model.wpe is None
+        params = sum(p.numel() for p in model.parameters())
+        # Per layer: 2 norms, Q/K/V (16 x (32 + 2 * 16)), out (32 x 16), gate + up + down (3 x 16 x 24).
+        per_layer = 2 * 16 + 16 * 64 + 32 * 16 + 3 * 16 * 24
+        assert params == 100 * 16 * (1 if tied else 2) + 3 * per_layer + 16
+        # Untied: the token embedding is only gathered (2 rows), the LM head read whole.
+        weights = (params - (0 if tied else 100 * 16 - 2 * 16)) * 4
+        kv = 2 * 3 * 2 * 10.0 * (2 * 8) * 4  # K and V, 3 layers, batch 2, 10 slots, 2 K/V heads of 8
+        assert decode.step_bytes(model, batch=2, context=10.0) == pytest.approx(weights + kv)
 
 
 def test_step_bytes_counts_weights_once_and_the_live_kv():

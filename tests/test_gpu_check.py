@@ -100,9 +100,13 @@ def test_dry_run_rows_of_each_stage(dry_run):
     assert smoke["graph-replay"]["ok"] and smoke["graph-replay"]["path"] == "graph"
     build = {c["check"]: c for c in run["smoke"] if c["stage"] == "build"}
     assert build["topk-extension"]["backend"] == "cpu-ext" and build["topk"]["ok"]
-    engines = {h["engine"]: h for h in run["headline"] if "engine" in h}
-    assert set(engines) == {"hf-eager", "fastgpt"}
-    assert engines["fastgpt"]["greedy_match"] is True and engines["fastgpt"]["tokens_per_s"] > 0
+    # The headline's CPU rows: a GPT-2 one and a LLaMA-family one (HF's LlamaForCausalLM), each engine.
+    engines = {(h["model"], h["engine"]): h for h in run["headline"] if "engine" in h}
+    assert set(engines) == {(m, e) for m in ("small-d256", "tiny-llama") for e in ("hf-eager", "fastgpt")}
+    for model in ("small-d256", "tiny-llama"):
+        fast = engines[model, "fastgpt"]
+        assert fast["greedy_match"] is True and fast["tokens_per_s"] > 0 and fast["dtype"] == "float32", fast
+        assert fast["bytes_per_token"] > 0 and fast["roofline_frac"] is None  # no copy bandwidth measured on a CPU
     (tests,) = run["tests"]
     assert tests["file"] == gc.test_files(cuda_only=True)[0] and tests["status"] == "ok"
     # No GPU: conftest deselects the CUDA-only tests (one summary line), so none ran and none failed;

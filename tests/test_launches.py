@@ -1,16 +1,26 @@
-"""Launches per decode token (issue 14): at most 5 per layer and 4 outside the layers.
+"""Launches per decode token (issue 14): at most 5 per layer and 4 outside the layers; the LLaMA
+family (issue 15) no more per layer than GPT-2.
 
 Counted on the CPU by :func:`benchmarks.launch_count.count_decode_launches` for the real layer
 structures (gpt2: 12 layers, gpt2-xl: 48; head_dim 64, tiny width and vocabulary -- launches do
 not depend on width), greedy and sampling, with and without EOS, with the Triton backend: what a
 CUDA graph captures (``Decoder.step_into``). Also: no host sync in the step; the counter itself
 sees what it must (ATen ops that launch, not views; Triton launches; per-layer attribution).
+
+The LLaMA family is counted the same way on the presets' structures (``llama-3.2-1b``: 16
+layers, 4 query heads per K/V head; ``qwen2.5-0.5b``: 24 layers, 7 per K/V head, Q/K/V biases;
+``smollm2-135m``: 30 layers, 3 per K/V head): RMSNorm, the rotary embedding and SwiGLU ride in
+the GEMVs' prologues and epilogues and the attention, so a layer launches no more than GPT-2's
+(counted here, 5). Those tests skip, saying what is missing, until the Triton kernels take the
+LLaMA family's arguments (``rope=``, ``norm="rmsnorm"``, ``"silu_glu"``).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+import inspect
 
 from benchmarks.launch_count import LaunchCounter, _watching_triton, count_decode_launches, structure_model
 
@@ -108,8 +118,96 @@ def test_several_attention_splits_stay_within_the_budget(name, models, triton_ba
     out-projection's launch, so a layer stays at 5 launches (a GPU's split count, forced here)."""
     from fastgpt.kernels import attention_decode
 
-    monkeypatch.setattr(attention_decode, "decode_num_splits", lambda batch, n_head, max_len: 4)
+    monkeypatch.setattr(attention_decode, "decode_num_splits", lambda *args, **kwargs: 4)
     n_layer, budget = BUDGET[name]
     counts = count_decode_launches(models[name], max_new_tokens=40, **OPTIONS["sampling-eos-min-new"])
     assert max(counts["per_layer"]) <= 5, counts["ops_layer0"]
     assert counts["launches_per_token"] <= budget
+
+
+# --------------------------------------------------------------------------------------------
+# The LLaMA family (issue 15): no more launches per layer than GPT-2
+# --------------------------------------------------------------------------------------------
+#: Preset -> layers of its structure model.
+LLAMA_LAYERS = {"llama-3.2-1b": 16, "qwen2.5-0.5b": 24, "smollm2-135m": 30}
+
+
+def _llama_kernels_missing() -> str | None:
+    """What the Triton kernels still lack to run a LLaMA-family step (None: nothing)."""
+    from fastgpt.kernels import attention_decode, attention_prefill, layernorm, linear
+
+    missing = []
+    if "silu_glu" not in linear.ACTIVATIONS:
+        missing.append("linear's silu_glu activation")
+    if "norm" not in inspect.signature(linear.linear).parameters:
+        missing.append("linear's norm=")
+    if not hasattr(layernorm, "add_rmsnorm"):
+        missing.append("layernorm.add_rmsnorm")
+    for fn in (attention_prefill.prefill_attention, attention_decode.decode_attention):
+        if "rope" not in inspect.signature(fn).parameters:
+            missing.append(f"{fn.__name__}(rope=)")
+    return ", ".join(missing) or None
+
+
+@pytest.fixture(scope="module")
+def gpt2_per_layer():
+    """GPT-2's launches per layer, counted with the same machinery (the LLaMA family's budget)."""
+    missing = _llama_kernels_missing()
+    if missing is not None:
+        pytest.skip(f"the Triton kernels cannot run the LLaMA family yet: no {missing}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTGPT_BACKEND", "triton")
+        counts = count_decode_launches(structure_model("gpt2"), batch=2)
+    assert counts["backend"] == "triton" and max(counts["per_layer"]) == 5
+    return max(counts["per_layer"])
+
+
+def test_llama_structure_models_keep_the_presets_layers_and_grouping():
+    from fastgpt import GPTConfig
+
+    for name, n_layer in LLAMA_LAYERS.items():
+        preset, model = GPTConfig.from_preset(name), structure_model(name)
+        c = model.config
+        assert (c.model_type, c.n_layer, c.head_dim, c.kv_heads) == (preset.model_type, n_layer, preset.head_dim, 1)
+        assert c.n_head == preset.n_head // preset.kv_heads and c.rope_scaling == preset.rope_scaling
+        assert (c.qkv_bias, c.tie_word_embeddings) == (preset.qkv_bias, preset.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("case", ["greedy", "sampling-eos-min-new"])
+@pytest.mark.parametrize("name", list(LLAMA_LAYERS))
+def test_llama_family_decode_step_launches_no_more_per_layer_than_gpt2(name, case, triton_backend, gpt2_per_layer):
+    counts = count_decode_launches(structure_model(name), batch=2, **OPTIONS[case])
+    assert counts["backend"] == "triton" and counts["layers"] == LLAMA_LAYERS[name]
+    assert counts["host_syncs"] == 0, counts["host_sync_ops"]
+    assert max(counts["per_layer"]) <= gpt2_per_layer, counts["ops_layer0"]
+    assert counts["outside_layers"] <= 4, counts["ops_outside"]  # embedding, ln_f + LM head, the sampler
+    assert counts["launches_per_token"] <= LLAMA_LAYERS[name] * gpt2_per_layer + 4
+
+
+def test_llama_family_long_cache_splits_stay_within_gpt2s_per_layer(triton_backend, gpt2_per_layer, monkeypatch):
+    """Several attention splits (a GPU's long cache): the combine still rides in the out-projection."""
+    from fastgpt.kernels import attention_decode
+
+    monkeypatch.setattr(attention_decode, "decode_num_splits", lambda *args, **kwargs: 4)
+    counts = count_decode_launches(structure_model("llama-3.2-1b"), max_new_tokens=40, **OPTIONS["sampling-eos-min-new"])
+    assert max(counts["per_layer"]) <= gpt2_per_layer, counts["ops_layer0"]
+
+
+def test_llama_family_counting_without_running_kernels_counts_the_same(triton_backend, gpt2_per_layer):
+    """The fast count (kernels launched, not executed; valid token ids fed to the ATen embedding)
+    equals the count of a real interpreted LLaMA-family step."""
+    model = structure_model("llama-3.2-1b", n_positions=32)
+    model.h = model.h[:2]  # two layers: the interpreter runs every kernel
+    options = OPTIONS["sampling-eos-min-new"]
+    real = count_decode_launches(model, run_kernels=True, **options)
+    fast = count_decode_launches(model, run_kernels=False, **options)
+    for key in ("launches_per_token", "per_layer", "outside_layers", "ops_outside", "ops_layer0", "host_syncs"):
+        assert real[key] == fast[key], key
+
+
+def test_llama_family_torch_backend_is_counted_too(monkeypatch):
+    """The PyTorch oracle runs (and is counted) on the LLaMA family already; no host sync."""
+    monkeypatch.setenv("FASTGPT_BACKEND", "torch")
+    counts = count_decode_launches(structure_model("llama-3.2-1b", dtype=torch.float32), batch=2)
+    assert counts["backend"] == "torch" and counts["host_syncs"] == 0 and counts["layers"] == 16
+    assert counts["launches_per_token"] > 16 * 5  # separate ops: why the Triton path exists

@@ -53,6 +53,19 @@ def test_bytes_per_token_of_gpt2_fp16():
     assert perf_model.bytes_per_token(c, 1, 256, 2) == weights + kv  # about 257 MB
 
 
+def test_bytes_per_token_of_llama_3_2_1b_bf16():
+    """Issue 15's target row: 2.47 GB of weights (tied head counted once, no position table), K and
+    V of 8 heads of 64 per layer (GQA: a quarter of the 32 query heads')."""
+    c = GPTConfig.from_preset("llama-3.2-1b")
+    assert perf_model.n_parameters(c) == c.num_parameters() == 1_235_814_400
+    assert perf_model.weight_bytes(c, 1, 2) == 1_235_814_400 * 2  # 2.47 GB
+    assert perf_model.kv_slot_bytes(c, 1, 2) == 2 * 16 * 8 * 64 * 2
+    assert perf_model.bytes_per_token(c, 1, 256, 2) == 1_235_814_400 * 2 + 2 * 16 * 8 * 64 * 2 * (256 + 1)
+    # Untied (Llama-3.1-8B): the token embedding is only gathered, the LM head read whole.
+    c8 = GPTConfig.from_preset("llama-3.1-8b")
+    assert perf_model.weight_bytes(c8, 2, 2) == (c8.num_parameters() - 128256 * 4096 + 2 * 4096) * 2
+
+
 def test_step_time_and_tokens_per_s_by_hand():
     # 1 GB at 0.8 x 1000 GB/s = 1.25 ms; 100 launches x 2 us = 0.2 ms.
     assert perf_model.predict_step_s(1e9, 100, 1000.0, 2.0) == pytest.approx(1.45e-3)
@@ -75,7 +88,10 @@ def test_bad_model_inputs_raise(args, match):
 def test_prediction_table_covers_the_closing_note_and_is_committed():
     table = perf_model.prediction_table()
     rows = table["rows"]
-    assert len(rows) == 2 * 2 * 2 * 3  # models x devices x before/after x overheads
+    assert len(rows) == 2 * 2 * 2 * 3 + 2 * 3  # GPT-2: models x devices x before/after x overheads; + llama
+    for r in rows:  # roofline_frac: the predicted step's bandwidth over the copy bandwidth
+        gbs = r["bytes_per_token"] * r["predicted_tokens_per_s"] / 1e9
+        assert r["roofline_frac"] == pytest.approx(gbs / r["copy_bandwidth_gbs"]) and r["roofline_frac"] < 0.8
     index = {(r["model"], r["device"], r["launches_per_token"], r["launch_overhead_us"]): r for r in rows}
     # The issue's estimate: gpt2 before the cuts, 2-4 us per launch, about 2,400-4,200 tok/s on an H200.
     assert 2_300 < index["gpt2", "H200", 87, 4.0]["predicted_tokens_per_s"] < index["gpt2", "H200", 87, 2.0][
@@ -89,6 +105,12 @@ def test_prediction_table_covers_the_closing_note_and_is_committed():
                 assert a["predicted_tokens_per_s"] > b["predicted_tokens_per_s"]
                 step = a["bytes_per_token"] / (0.8 * a["copy_bandwidth_gbs"] * 1e9) + after * us * 1e-6
                 assert a["predicted_tokens_per_s"] == pytest.approx(1 / step)
+    # Issue 15's row: Llama-3.2-1B bf16 at its launch budget (84); the target (75 % of the roofline,
+    # about 1,300 tok/s on an H200) needs about 1 us per launch or less at 0.8 of the copy bandwidth.
+    llama = index["llama-3.2-1b", "H200", 84, 1.0]
+    assert llama["dtype"] == "bfloat16" and llama["launches"] == "budget"
+    assert 1_200 < llama["predicted_tokens_per_s"] < 1_300 and 0.70 < llama["roofline_frac"] < 0.75
+    assert index["llama-3.2-1b", "H200", 84, 4.0]["roofline_frac"] < 0.6
     committed = json.loads(PREDICTIONS.read_text())
     assert committed == json.loads(json.dumps(table)), "rerun: python -m benchmarks.perf_model --table --out " + str(PREDICTIONS)
 
@@ -98,6 +120,7 @@ def test_table_cli_prints_and_writes(tmp_path, capsys):
     assert perf_model.main(["--table", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| gpt2-xl | H100 | 244 (after) |" in printed and "| gpt2 | H200 | 87 (before) |" in printed
+    assert "| llama-3.2-1b | H200 | 84 (budget) | 1,242 (72%) |" in printed
     assert json.loads(out.read_text())["rows"][0]["model"] == "gpt2"
     with pytest.raises(SystemExit):
         perf_model.main([])
