@@ -234,3 +234,21 @@ def _sincos(x):
     sin = tl.where(quadrant >= 2, -sin, sin)  # quadrants 0..3: s, c, -s, -c
     cos = tl.where((quadrant == 1) | (quadrant == 2), -cos, cos)  # c, -s, -c, s
     return sin, cos
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with float32 accumulation.
+
+    ``IEEE``: float32 inputs use exact FMA dots instead of TF32. ``UPCAST`` (interpreter + bfloat16
+    only): the Triton 3.6 interpreter multiplies bfloat16 bit patterns as integers, so the
+    (already bf16-rounded) operands are widened to float32 first -- the same products the tensor
+    cores compute exactly, accumulated in float32.
+    """
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c

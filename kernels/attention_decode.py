@@ -76,6 +76,7 @@ from .attention_common import (
     _LOG2E,
     _NEG_BIG,
     _check_qkv_and_cache,
+    _dot,
     _sincos,
     _next_pow2,
     _triton_configs,
@@ -208,19 +209,6 @@ def combined_attention_tile(o_part_ptr, m_part_ptr, l_part_ptr, rows, mask_rows,
         acc += w * tl.load(o_part_ptr + (part0 + s) * HEAD_DIM + d[None, :], mask=mask, other=0.0)
     o = acc / tl.where(l_tot > 0.0, l_tot, 1.0)
     return tl.where(pos_ok, o, float("nan"))
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` with float32 accumulation (float32 inputs: IEEE FMA dots, no TF32; ``UPCAST``:
-    bfloat16 operands widened to float32 for the Triton interpreter, whose bfloat16 dot is wrong)."""
-    if UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
-    elif IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
 
 
 @triton.jit

@@ -69,6 +69,7 @@ from .attention_common import (
     _NEG_BIG,
     _bucket,
     _check_qkv_and_cache,
+    _dot,
     _sincos,
     _triton_configs,
     _tune_bench,
@@ -117,24 +118,6 @@ INTERPRETER_PREFILL_CONFIG: dict = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num
 # --------------------------------------------------------------------------------------------
 # Prefill kernel
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` with float32 accumulation.
-
-    ``IEEE``: float32 inputs use exact FMA dots instead of TF32. ``UPCAST`` (interpreter + bfloat16
-    only): the Triton 3.6 interpreter multiplies bfloat16 bit patterns as integers, so the
-    (already bf16-rounded) operands are widened to float32 first -- the same products the tensor
-    cores compute exactly, accumulated in float32.
-    """
-    if UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
-    elif IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
-
-
 @triton.jit
 def _rope(x1, x2, pos, inv_freq):
     """Rotate the halves ``x1, x2`` ``(R, D/2)`` of R head vectors at positions ``pos`` ``(R,)``.

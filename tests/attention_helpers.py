@@ -42,9 +42,10 @@ def cuda_case(*values):
 # Helpers
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
-def launches(monkeypatch):
-    """Count the launches of each attention kernel (wraps the kernels' ``run``)."""
+def launches():
+    """Count the launches of each attention kernel (an instance ``run`` shadowing the class's)."""
     counts = collections.Counter()
+    patched = []
     for name, module in KERNELS.items():
         kernel = getattr(module, name)
         original = kernel.run
@@ -53,8 +54,13 @@ def launches(monkeypatch):
             counts[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(kernel, "run", spy)
-    return counts
+        kernel.run = spy
+        patched.append(kernel)
+    yield counts
+    for kernel in patched:
+        # Not monkeypatch: its undo would leave the bound method behind as an instance attribute,
+        # hiding any later class-level wrapper (benchmarks.launch_count wraps the class's run).
+        del kernel.run
 
 
 def fused_qkv(B: int, T: int, H: int, D: int, dtype, device=DEVICE, scale: float = 1.0):
@@ -131,7 +137,31 @@ def rope_frequencies(D: int, device=DEVICE, theta: float = 10000.0) -> torch.Ten
 # --------------------------------------------------------------------------------------------
 # sm_90 compilation (subprocess workers, see tests.kernel_helpers.run_compile_workers)
 # --------------------------------------------------------------------------------------------
-_POINTER_TYPES = {"rs_ptr": "*i32", "freq_ptr": "*fp32", "pos_ptr": "*i32", "o_part_ptr": "*fp32", "m_part_ptr": "*fp32", "l_part_ptr": "*fp32"}
+#: Pointer arguments of the attention kernels that are not of the q/k/v dtype.
+_POINTER_TYPES = {
+    "rs_ptr": "*i32", "pos_ptr": "*i32", "freq_ptr": "*fp32", "rope_ptr": "*fp32", "o_part_ptr": "*fp32",
+    "m_part_ptr": "*fp32", "l_part_ptr": "*fp32",
+}  # fmt: skip
+
+
+def kernel_signature(kernel, constexprs: dict, dt: str, *, aligned: bool = False) -> tuple[dict, dict]:
+    """``(signature, attrs)`` of an attention kernel for ``triton.compile``: constexprs, pointers
+    (``dt`` tensors unless :data:`_POINTER_TYPES` says otherwise), ``qk_scale`` float32, the rest
+    int32. ``aligned``: pointers and ``stride_*`` marked 16-divisible, as Triton specialises them
+    at a real launch of 16-byte aligned tensors (what lets it vectorise and pipeline the loads)."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = _POINTER_TYPES.get(name, "*" + dt)
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+        if aligned and name not in constexprs and (name.endswith("_ptr") or name.startswith("stride_")):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
 
 
 def _compile_worker() -> None:
@@ -152,16 +182,7 @@ def _compile_worker() -> None:
             constexprs.update(IEEE=dt == "fp32", UPCAST=False)
             constexprs.setdefault("GROUP", 1)  # grouped-query heads and rope: spec'd in the config dict
             constexprs.setdefault("ROPE", False)
-        signature = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = _POINTER_TYPES.get(name, "*" + dt)
-            elif name == "qk_scale":
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
+        signature, _ = kernel_signature(kernel, constexprs, dt)
         compiled = compile_for_hopper(kernel, signature, constexprs, cfg["num_warps"], cfg["num_stages"])
         ptx = compiled.asm["ptx"]
         results.append(

@@ -45,15 +45,22 @@ def hf_gpt2(
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).eval()
     if sharp:
-        with torch.no_grad():
-            for name_, p in model.named_parameters():
-                if "ln_" in name_ and name_.endswith("weight"):
-                    p.uniform_(0.8, 1.2)
-                elif name_.endswith("bias"):
-                    p.normal_(0.0, 0.02)
-                else:
-                    p.normal_(0.0, 0.08)
+        sharpen(model, norm_marker="ln_", bias_std=0.02)
     return model
+
+
+@torch.no_grad()
+def sharpen(model, *, norm_marker: str, bias_std: float) -> None:
+    """Widen a random HF model's weights so that greedy decoding produces varied tokens: norm
+    weights (names containing ``norm_marker``) in U(0.8, 1.2), biases N(0, bias_std), the rest
+    N(0, 0.08) (the models' own 0.02 init gives near-uniform logits and repeats one token)."""
+    for name, p in model.named_parameters():
+        if norm_marker in name and name.endswith("weight"):
+            p.uniform_(0.8, 1.2)
+        elif name.endswith("bias"):
+            p.normal_(0.0, bias_std)
+        else:
+            p.normal_(0.0, 0.08)
 
 
 def pair(name: str = "tiny-503", **kwargs) -> tuple[GPT2LMHeadModel, GPT]:
@@ -112,12 +119,5 @@ def hf_llama_family(
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     if sharp:
-        with torch.no_grad():
-            for name_, p in model.named_parameters():
-                if "norm" in name_:
-                    p.uniform_(0.8, 1.2)
-                elif name_.endswith("bias"):
-                    p.normal_(0.0, 0.05)
-                else:
-                    p.normal_(0.0, 0.08)
+        sharpen(model, norm_marker="norm", bias_std=0.05)
     return model

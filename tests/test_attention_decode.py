@@ -33,7 +33,7 @@ from fastgpt.kernels import attention_common as AC
 from fastgpt.kernels import attention_decode as AD
 from fastgpt.kernels import attention_prefill as AP
 from tests.attention_helpers import (
-    BF16, DEVICE, DTYPES, F16, F32, HAS_CUDA, assert_close, cuda_case, fused_qkv, launches,
+    BF16, DEVICE, DTYPES, F16, F32, HAS_CUDA, assert_close, cuda_case, fused_qkv, kernel_signature, launches,
     make_row_start, nan_like, prefill_reference,
 )
 from tests.kernel_helpers import run_compile_workers, spill_bytes
@@ -582,12 +582,6 @@ def test_grouped_rope_decode_steps_match_reference(launches, dtype, B, H, H_kv, 
 # --------------------------------------------------------------------------------------------
 # sm_90 compile check of every (kernel, config) the autotuner may pick (runs on the CPU)
 # --------------------------------------------------------------------------------------------
-_POINTER_TYPES = {
-    "rs_ptr": "*i32", "pos_ptr": "*i32", "rope_ptr": "*fp32", "o_part_ptr": "*fp32", "m_part_ptr": "*fp32",
-    "l_part_ptr": "*fp32",
-}
-
-
 def _compile_worker() -> None:
     """Subprocess entry (tests.kernel_helpers.run_compile_workers): compile the specs read as JSON
     from stdin for sm_90, print JSON results.
@@ -608,18 +602,7 @@ def _compile_worker() -> None:
         if kind == "split":
             # The decode step's kernel as it runs on sm_90 (programmatic dependent launch on).
             constexprs.update(IEEE=dt == "fp32", UPCAST=False, USE_PDL=True)
-        signature, attrs = {}, {}
-        for i, name in enumerate(kernel.arg_names):
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = _POINTER_TYPES.get(name, "*" + dt)
-            elif name == "qk_scale":
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
-            if name not in constexprs and (name.endswith("_ptr") or name.startswith("stride_")):
-                attrs[(i,)] = [["tt.divisibility", 16]]
+        signature, attrs = kernel_signature(kernel, constexprs, dt, aligned=True)
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},

@@ -702,11 +702,13 @@ def _run_steps(model, ids, n_decode, backend_name, monkeypatch, attention_on_tor
         mp.setenv("FASTGPT_BACKEND", backend_name)
         if attention_on_torch:
             real = backend.attention
-            mp.setattr(backend, "attention", lambda q, k, v, c, i, b: real(q, k, v, c, i, "torch"))
+            mp.setattr(backend, "attention", lambda q, k, v, c, i, b, **kw: real(q, k, v, c, i, "torch", **kw))
             # The fused attention + out-projection too: torch attention, then our projection.
             mp.setattr(
                 backend, "attention_residual_linear",
-                lambda q, k, v, c, i, p, x, b: backend.residual_linear(real(q, k, v, c, i, "torch").flatten(2), p, x, b, op="attn_proj"),
+                lambda q, k, v, c, i, p, x, b, **kw: backend.residual_linear(
+                    real(q, k, v, c, i, "torch", **kw).flatten(2), p, x, b, op="attn_proj"
+                ),
             )  # fmt: skip
         return _steps(model, ids, n_decode)
 

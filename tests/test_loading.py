@@ -140,19 +140,17 @@ def test_a_path_that_does_not_exist_says_so_without_cache_names(path):
     assert "no such directory" in str(info.value) and "models--" not in str(info.value)
 
 
-def test_a_config_of_another_model_type_names_the_file_and_the_type(tmp_path, hf_model):
+@pytest.mark.parametrize(
+    "model_type, message",
+    [
+        ("gptj", r"config\.json: fastgpt cannot run this config: model_type='gptj'.*'llama'"),  # names the supported ones
+        ("llama", r"config\.json: the llama config has no hidden_size"),  # a GPT-2 config.json relabelled
+    ],
+)
+def test_a_config_of_another_model_type_names_the_file_and_the_type(tmp_path, hf_model, model_type, message):
     hf_model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["model_type"] = "gptj"
+    config["model_type"] = model_type
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config\.json: fastgpt cannot run this config: model_type='gptj'.*'llama'"):
-        GPT.from_pretrained(str(tmp_path))
-
-
-def test_a_gpt2_config_relabelled_llama_names_the_missing_fields(tmp_path, hf_model):
-    hf_model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["model_type"] = "llama"
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config\.json: the llama config has no hidden_size"):
+    with pytest.raises(ValueError, match=message):
         GPT.from_pretrained(str(tmp_path))
