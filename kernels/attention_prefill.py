@@ -51,8 +51,9 @@ a key is rotated identically in both), about 1e-7 absolute error for angles up t
 libdevice's would keep a Payne-Hanek array in local memory, which the no-spill check forbids.
 
 Configs: GPT-2's case (``G = 1``, no rope) keeps ``PREFILL_CONFIGS``; grouped heads or rope in 16
-bits use ``PREFILL_CONFIGS_GQA`` (their extra registers spilled the 4-warp tiles); float32 always
-uses ``PREFILL_CONFIGS_FP32``. The autotune key includes G and rope.
+bits use ``PREFILL_CONFIGS_GQA`` (their extra registers spilled the 4-warp tiles); float32 uses
+``PREFILL_CONFIGS_FP32``, or ``PREFILL_CONFIGS_FP32_GQA`` with grouped heads or rope. The autotune
+key includes G and rope.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ from .utils import interpreting, note_launch
 
 __all__ = [
     "prefill_attention", "prefill_configs", "PREFILL_CONFIGS", "PREFILL_CONFIGS_GQA", "PREFILL_CONFIGS_FP32",
+    "PREFILL_CONFIGS_FP32_GQA",
     "INTERPRETER_PREFILL_CONFIG",
 ]
 
@@ -110,6 +112,12 @@ PREFILL_CONFIGS_GQA: list[dict] = [
 #: 64x32 spilled 1.6 KB, 32x32 and 64x16 still ~100 B).
 PREFILL_CONFIGS_FP32: list[dict] = [
     dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1),
+]
+#: float32 with grouped heads or rope: 32x16 spilled 8 B at head_dim 64 with rope and groups 2, 4
+#: and 8 once compiled as it launches (16-byte aligned pointers and strides), 32x16/4 warps and
+#: 64x16 / 32x32 at head_dim 128; 16x16 with 4 warps is spill-free for every group, rope on or off.
+PREFILL_CONFIGS_FP32_GQA: list[dict] = [
+    dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
 ]
 #: The single config used under the Triton interpreter (autotuning there would run every config).
 INTERPRETER_PREFILL_CONFIG: dict = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -377,19 +385,23 @@ _prefill_tuned_gqa = triton.autotune(
 _prefill_tuned_fp32 = triton.autotune(
     configs=_triton_configs(PREFILL_CONFIGS_FP32), key=_TUNE_KEY, do_bench=_tune_bench
 )(_prefill_kernel)
+_prefill_tuned_fp32_gqa = triton.autotune(
+    configs=_triton_configs(PREFILL_CONFIGS_FP32_GQA), key=_TUNE_KEY, do_bench=_tune_bench
+)(_prefill_kernel)
 
 
 def prefill_configs(dtype: torch.dtype, group: int, rope: bool) -> list[dict]:
-    """The autotune configs of a call: float32 -> PREFILL_CONFIGS_FP32; 16-bit with grouped heads
-    (``group = H / H_kv > 1``) or rope -> PREFILL_CONFIGS_GQA; GPT-2's case -> PREFILL_CONFIGS."""
+    """The autotune configs of a call: with grouped heads (``group = H / H_kv > 1``) or rope,
+    PREFILL_CONFIGS_FP32_GQA (float32) or PREFILL_CONFIGS_GQA; GPT-2's case PREFILL_CONFIGS_FP32
+    (float32) or PREFILL_CONFIGS."""
     if dtype == torch.float32:
-        return PREFILL_CONFIGS_FP32
+        return PREFILL_CONFIGS_FP32_GQA if group > 1 or rope else PREFILL_CONFIGS_FP32
     return PREFILL_CONFIGS_GQA if group > 1 or rope else PREFILL_CONFIGS
 
 
 def _tuned_kernel(dtype: torch.dtype, group: int, rope: bool):
     if dtype == torch.float32:
-        return _prefill_tuned_fp32
+        return _prefill_tuned_fp32_gqa if group > 1 or rope else _prefill_tuned_fp32
     return _prefill_tuned_gqa if group > 1 or rope else _prefill_tuned
 
 

@@ -154,13 +154,14 @@ def check_tensor(
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
 
 
-def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int):
+def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, attrs: dict | None = None):
     """Compile ``kernel`` for sm_90 on this machine (no GPU needed) and return the compiled kernel.
 
     ``signature`` maps every argument name to a Triton type (``"*fp16"``, ``"i32"``, ...) or
     ``"constexpr"``; ``constexprs`` gives the constexpr values. ``.metadata.shared`` is the shared
     memory per block, ``.asm["ptx"]`` the PTX. Works under the interpreter as well (it rebuilds a
-    JITFunction from the interpreted kernel's Python function).
+    JITFunction from the interpreted kernel's Python function). ``attrs``: argument attributes
+    such as ``{(i,): [["tt.divisibility", 16]]}`` (the alignment Triton specialises on at a real launch).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -168,7 +169,7 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int
     from triton.runtime.jit import JITFunction
 
     fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(
         src,
         target=GPUTarget("cuda", 90, 32),

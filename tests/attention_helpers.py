@@ -182,8 +182,9 @@ def _compile_worker() -> None:
             constexprs.update(IEEE=dt == "fp32", UPCAST=False)
             constexprs.setdefault("GROUP", 1)  # grouped-query heads and rope: spec'd in the config dict
             constexprs.setdefault("ROPE", False)
-        signature, _ = kernel_signature(kernel, constexprs, dt)
-        compiled = compile_for_hopper(kernel, signature, constexprs, cfg["num_warps"], cfg["num_stages"])
+        signature, attrs = kernel_signature(kernel, constexprs, dt, aligned=True)
+        # Aligned as at a real launch (16-byte tensors): the kernel that runs, vectorised and pipelined.
+        compiled = compile_for_hopper(kernel, signature, constexprs, cfg["num_warps"], cfg["num_stages"], attrs)
         ptx = compiled.asm["ptx"]
         results.append(
             {"spec": [kind, dt, head_dim, cfg], "shared": compiled.metadata.shared, "mma": "mma" in ptx,

@@ -210,7 +210,7 @@ def test_prefill_every_config(launches, dtype, config):
 
 @pytest.mark.parametrize(
     "dtype,group,config",
-    [(F16, 3, c) for c in AP.PREFILL_CONFIGS_GQA] + [(F32, 7, c) for c in AP.PREFILL_CONFIGS_FP32],
+    [(F16, 3, c) for c in AP.PREFILL_CONFIGS_GQA] + [(F32, 7, c) for c in AP.PREFILL_CONFIGS_FP32_GQA],
     ids=lambda x: str(x) if not isinstance(x, dict) else "{BLOCK_M}x{BLOCK_N}w{num_warps}s{num_stages}".format(**x),
 )
 def test_grouped_rope_prefill_every_config(launches, dtype, group, config):
@@ -231,7 +231,8 @@ def test_configs_follow_dtype_group_and_rope():
     assert AP.prefill_configs(F16, 1, False) is AP.PREFILL_CONFIGS  # GPT-2: unchanged
     assert AP.prefill_configs(BF16, 4, False) is AP.PREFILL_CONFIGS_GQA
     assert AP.prefill_configs(F16, 1, True) is AP.PREFILL_CONFIGS_GQA
-    assert AP.prefill_configs(F32, 8, True) is AP.PREFILL_CONFIGS_FP32
+    assert AP.prefill_configs(F32, 8, True) is AP.PREFILL_CONFIGS_FP32_GQA
+    assert AP.prefill_configs(F32, 1, False) is AP.PREFILL_CONFIGS_FP32
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,5 +352,6 @@ def test_autotuner_configs_are_the_exported_lists():
     assert listed(AP._prefill_tuned) == AP.PREFILL_CONFIGS
     assert listed(AP._prefill_tuned_gqa) == AP.PREFILL_CONFIGS_GQA
     assert listed(AP._prefill_tuned_fp32) == AP.PREFILL_CONFIGS_FP32
-    configs = AP.PREFILL_CONFIGS + AP.PREFILL_CONFIGS_GQA + AP.PREFILL_CONFIGS_FP32
+    assert listed(AP._prefill_tuned_fp32_gqa) == AP.PREFILL_CONFIGS_FP32_GQA
+    configs = AP.PREFILL_CONFIGS + AP.PREFILL_CONFIGS_GQA + AP.PREFILL_CONFIGS_FP32 + AP.PREFILL_CONFIGS_FP32_GQA
     assert all(c["BLOCK_M"] % c["BLOCK_N"] == 0 for c in configs)
