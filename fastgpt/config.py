@@ -147,11 +147,6 @@ class GPTConfig:
         return self.n_kv_head if self.n_kv_head is not None else self.n_head
 
     @property
-    def norm(self) -> str:
-        """``"layernorm"`` (GPT-2) or ``"rmsnorm"`` (LLaMA family): the fused ops' ``norm``."""
-        return "rmsnorm" if self.is_llama else "layernorm"
-
-    @property
     def kernel_activation(self) -> str:
         """The MLP activation's name for the fused kernels (``fastgpt.reference.LINEAR_ACTIVATIONS``)."""
         return GATED_ACTIVATIONS[self.activation] if self.is_llama else ACTIVATIONS[self.activation]

@@ -34,6 +34,17 @@ TOL = {F32: (1e-3, 1e-4, 1e-3), F16: (1e-2, 2e-3, 5e-3), BF16: (1e-2, 1e-2, 1.6e
 KERNELS = {"_prefill_kernel": AP, "_decode_split_kernel": AD, "_decode_combine_kernel": AD}
 
 
+#: Bad ``rope`` arguments for a head_dim-64 call (name, mutation of the call's keyword arguments,
+#: exception, message): the shared launcher check, the same for prefill and decode.
+ROPE_BAD = [
+    ("rope of head_dim length", lambda a: a.update(rope=torch.ones(64, device=DEVICE)), ValueError, r"rope must be the contiguous \(32,\)"),
+    ("rope float16", lambda a: a.update(rope=torch.ones(32, dtype=F16, device=DEVICE)), TypeError, "rope must have dtype"),
+    ("rope 2-D", lambda a: a.update(rope=torch.ones(1, 32, device=DEVICE)), ValueError, "rope must have 1 dimensions"),
+    ("rope strided", lambda a: a.update(rope=torch.ones(64, device=DEVICE)[::2]), ValueError, "rope must be the contiguous"),
+    ("rope not a tensor", lambda a: a.update(rope=[1.0] * 32), TypeError, "rope must be a torch.Tensor"),
+]  # fmt: skip
+
+
 def cuda_case(*values):
     return pytest.param(*values, marks=pytest.mark.cuda)
 

@@ -33,6 +33,7 @@ from fastgpt.kernels import attention_common as AC
 from fastgpt.kernels import attention_decode as AD
 from fastgpt.kernels import attention_prefill as AP
 from tests.attention_helpers import (
+    ROPE_BAD,
     BF16, DEVICE, DTYPES, F16, F32, HAS_CUDA, assert_close, cuda_case, fused_qkv, kernel_signature, launches,
     make_row_start, nan_like, prefill_reference,
 )
@@ -418,12 +419,7 @@ DECODE_BAD = [
     ("workspace per K/V head", lambda a: a.update(
         **dict(zip("qkv", fused_qkv_gqa(2, 1, 3, 1, 64, F16))), k_cache=a["k_cache"][:, :1].contiguous(), v_cache=a["v_cache"][:, :1].contiguous(),
         workspace=AD.decode_workspace(2, 1, 64, 8, DEVICE)), ValueError, r"workspace\['attn_o'\] must be contiguous \(B=2, H=3"),
-    ("rope of head_dim length", lambda a: a.update(rope=torch.ones(64, device=DEVICE)), ValueError, r"rope must be the contiguous \(32,\)"),
-    ("rope float16", lambda a: a.update(rope=torch.ones(32, dtype=F16, device=DEVICE)), TypeError, "rope must have dtype"),
-    ("rope 2-D", lambda a: a.update(rope=torch.ones(1, 32, device=DEVICE)), ValueError, "rope must have 1 dimensions"),
-    ("rope strided", lambda a: a.update(rope=torch.ones(64, device=DEVICE)[::2]), ValueError, "rope must be the contiguous"),
-    ("rope not a tensor", lambda a: a.update(rope=[1.0] * 32), TypeError, "rope must be a torch.Tensor"),
-]
+] + ROPE_BAD
 
 
 @pytest.mark.parametrize("name,mutate,exc,match", DECODE_BAD, ids=[c[0] for c in DECODE_BAD])

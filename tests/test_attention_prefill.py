@@ -23,6 +23,7 @@ import torch
 
 from fastgpt.kernels import attention_prefill as AP
 from tests.attention_helpers import (
+    ROPE_BAD,
     BF16, DEVICE, DTYPES, F16, F32, assert_close, check_compiled, cuda_case, fused_qkv, gqa_qkv, launches,
     make_row_start, nan_like, prefill_reference, prefill_reference_and_cache, rope_frequencies,
 )
@@ -277,12 +278,7 @@ PREFILL_BAD = [
     ("k heads do not divide q's", lambda a: a.update(k=a["k"][:, :, :2], v=a["v"][:, :, :2]), ValueError, "H_kv dividing q's 3 heads"),
     ("v fewer heads than k", lambda a: a.update(v=a["v"][:, :, :1]), ValueError, "v must have k's shape"),
     ("cache heads differ from k's", _grouped_cache_mismatch, ValueError, "k_cache must be"),
-    ("rope wrong length", lambda a: a.update(rope=torch.ones(64, device=DEVICE)), ValueError, "rope must be the contiguous"),
-    ("rope float16", lambda a: a.update(rope=torch.ones(32, dtype=F16, device=DEVICE)), TypeError, "rope must have dtype"),
-    ("rope 2-D", lambda a: a.update(rope=torch.ones(1, 32, device=DEVICE)), ValueError, "rope must have 1 dimensions"),
-    ("rope strided", lambda a: a.update(rope=torch.ones(64, device=DEVICE)[::2]), ValueError, "rope must be the contiguous"),
-    ("rope not a tensor", lambda a: a.update(rope=[1.0] * 32), TypeError, "rope must be a torch.Tensor"),
-]
+] + ROPE_BAD
 
 
 @pytest.mark.parametrize("name,mutate,exc,match", PREFILL_BAD, ids=[c[0] for c in PREFILL_BAD])
